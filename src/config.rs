@@ -1,0 +1,78 @@
+//! Every limit and default of the service, in one place. `main` fills [`ServerConfig`]
+//! from flags (each with an `AUDIT_LEDGER_…` environment fall-back).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Limits on what one communication may carry.
+#[derive(Debug, Clone)]
+pub struct RecordLimits {
+    /// Longest id (message, sender, customer, subscription, product, channel), in bytes.
+    pub max_id_bytes: usize,
+    /// Largest body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest subject, in bytes.
+    pub max_subject_bytes: usize,
+    /// Most attributes on one communication.
+    pub max_attributes: usize,
+    /// Longest attribute value, in bytes (keys follow `max_id_bytes`).
+    pub max_attribute_value_bytes: usize,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            max_id_bytes: 256,
+            max_body_bytes: 1024 * 1024,
+            max_subject_bytes: 4096,
+            max_attributes: 64,
+            max_attribute_value_bytes: 4096,
+        }
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the sled store and the signing key live.
+    pub data_dir: PathBuf,
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// The log's name: the origin line of its checkpoints and its key name. `None` uses the
+    /// name the data dir's key already has, or [`DEFAULT_ORIGIN`] on first start.
+    pub origin: Option<String>,
+    /// A signing key file to use instead of `<data_dir>/signing.key`.
+    pub signing_key: Option<PathBuf>,
+    pub record_limits: RecordLimits,
+    /// Most communications in one `AppendBatch`.
+    pub max_batch_records: usize,
+    /// Largest gRPC message the server decodes (a whole `AppendBatch`), in bytes.
+    pub max_message_bytes: usize,
+    /// Most entries one `ListEntries` call streams.
+    pub max_list_entries: u64,
+    /// Most records one group commit takes.
+    pub max_group_records: usize,
+    /// sled page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+/// Origin used when neither `--origin` nor an existing key names the log.
+pub const DEFAULT_ORIGIN: &str = "localhost/audit-ledger";
+
+impl ServerConfig {
+    /// Defaults for a ledger in `data_dir` listening on `listen`.
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen,
+            origin: None,
+            signing_key: None,
+            record_limits: RecordLimits::default(),
+            max_batch_records: 10_000,
+            max_message_bytes: 64 * 1024 * 1024,
+            max_list_entries: 10_000,
+            max_group_records: 8192,
+            cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! `audit.ledger.v1.LedgerService`: a thin translation onto [`Ledger`].
+
+use std::pin::Pin;
+
+use prost::Message;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::status::to_status;
+use crate::config::ServerConfig;
+use crate::ledger::{Appended, Ledger, LedgerError, SignedCheckpoint, StoredEntry};
+use crate::proto::ledger_service_server::LedgerService;
+use crate::proto::{
+    AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse, AppendResult,
+    Checkpoint, Entry, GetCheckpointRequest, GetCheckpointResponse, GetConsistencyProofRequest,
+    GetConsistencyProofResponse, GetEntryRequest, GetEntryResponse, GetInclusionProofRequest,
+    GetInclusionProofResponse, LeafRecord, ListEntriesRequest, ListEntriesResponse,
+};
+use crate::records::prepare_communication;
+
+/// Entries a `ListEntries` stream reads ahead of a slow client.
+const LIST_BUFFER: usize = 64;
+
+#[derive(Clone)]
+pub struct LedgerApi {
+    ledger: Ledger,
+    config: ServerConfig,
+}
+
+impl LedgerApi {
+    pub fn new(ledger: Ledger, config: ServerConfig) -> Self {
+        LedgerApi { ledger, config }
+    }
+}
+
+fn entry_message(entry: StoredEntry) -> Entry {
+    // Stored leaves were encoded by this server; one that no longer decodes is reported
+    // as-is (leaf bytes intact) with no decoded record, rather than hidden.
+    let record = LeafRecord::decode(entry.leaf.as_slice()).ok();
+    Entry {
+        index: entry.index,
+        leaf: entry.leaf,
+        leaf_hash: entry.leaf_hash.0.to_vec(),
+        body: entry.body,
+        record,
+    }
+}
+
+fn checkpoint_message(checkpoint: &SignedCheckpoint) -> Checkpoint {
+    Checkpoint {
+        origin: checkpoint.origin.clone(),
+        size: checkpoint.size,
+        root_hash: checkpoint.root_hash.0.to_vec(),
+        note: checkpoint.note.clone(),
+    }
+}
+
+fn hashes(proof: Vec<crate::ledger::merkle::Hash>) -> Vec<Vec<u8>> {
+    proof.into_iter().map(|hash| hash.0.to_vec()).collect()
+}
+
+fn append_result(appended: Appended) -> AppendResult {
+    AppendResult {
+        index: appended.index,
+        leaf_hash: appended.leaf_hash.0.to_vec(),
+        duplicate: appended.duplicate,
+    }
+}
+
+#[tonic::async_trait]
+impl LedgerService for LedgerApi {
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let communication = request
+            .into_inner()
+            .communication
+            .ok_or_else(|| Status::invalid_argument("communication: must be set"))?;
+        let record =
+            prepare_communication(communication, "communication", &self.config.record_limits)
+                .map_err(to_status)?;
+        let appended = self.ledger.append(vec![record]).await.map_err(to_status)?;
+        let appended = appended
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::internal("the ledger returned no result"))?;
+        Ok(Response::new(AppendResponse {
+            index: appended.index,
+            leaf_hash: appended.leaf_hash.0.to_vec(),
+            duplicate: appended.duplicate,
+        }))
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<AppendBatchRequest>,
+    ) -> Result<Response<AppendBatchResponse>, Status> {
+        let communications = request.into_inner().communications;
+        if communications.is_empty() {
+            return Err(Status::invalid_argument(
+                "communications: must not be empty",
+            ));
+        }
+        if communications.len() > self.config.max_batch_records {
+            return Err(Status::invalid_argument(format!(
+                "communications: {} communications, more than the limit of {}",
+                communications.len(),
+                self.config.max_batch_records
+            )));
+        }
+        let records = communications
+            .into_iter()
+            .enumerate()
+            .map(|(position, communication)| {
+                prepare_communication(
+                    communication,
+                    &format!("communications[{position}]"),
+                    &self.config.record_limits,
+                )
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()
+            .map_err(to_status)?;
+        let appended = self.ledger.append(records).await.map_err(to_status)?;
+        Ok(Response::new(AppendBatchResponse {
+            results: appended.into_iter().map(append_result).collect(),
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<GetEntryRequest>,
+    ) -> Result<Response<GetEntryResponse>, Status> {
+        let entry = self
+            .ledger
+            .entry(request.into_inner().index)
+            .map_err(to_status)?;
+        Ok(Response::new(GetEntryResponse {
+            entry: Some(entry_message(entry)),
+        }))
+    }
+
+    type ListEntriesStream =
+        Pin<Box<dyn Stream<Item = Result<ListEntriesResponse, Status>> + Send + 'static>>;
+
+    async fn list_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> Result<Response<Self::ListEntriesStream>, Status> {
+        let request = request.into_inner();
+        let tree_size = self.ledger.tree_size();
+        if request.start_index > tree_size {
+            return Err(to_status(LedgerError::out_of_range(
+                "start_index",
+                format!(
+                    "{} is past the current tree size {tree_size}",
+                    request.start_index
+                ),
+            )));
+        }
+        let cap = self.config.max_list_entries;
+        let limit = if request.limit == 0 {
+            cap
+        } else {
+            request.limit.min(cap)
+        };
+        // The stream covers the tree as published when the call started.
+        let end = request.start_index.saturating_add(limit).min(tree_size);
+        let (sender, receiver) = tokio::sync::mpsc::channel(LIST_BUFFER);
+        let ledger = self.ledger.clone();
+        tokio::spawn(async move {
+            for index in request.start_index..end {
+                let item = ledger
+                    .entry(index)
+                    .map(|entry| ListEntriesResponse {
+                        entry: Some(entry_message(entry)),
+                    })
+                    .map_err(to_status);
+                let failed = item.is_err();
+                if sender.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        _request: Request<GetCheckpointRequest>,
+    ) -> Result<Response<GetCheckpointResponse>, Status> {
+        Ok(Response::new(GetCheckpointResponse {
+            checkpoint: Some(checkpoint_message(&self.ledger.checkpoint())),
+        }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<GetInclusionProofRequest>,
+    ) -> Result<Response<GetInclusionProofResponse>, Status> {
+        let request = request.into_inner();
+        let tree_size = match request.tree_size {
+            0 => self.ledger.tree_size(),
+            size => size,
+        };
+        let proof = self
+            .ledger
+            .inclusion_proof(request.index, tree_size)
+            .map_err(to_status)?;
+        Ok(Response::new(GetInclusionProofResponse {
+            index: request.index,
+            tree_size,
+            hashes: hashes(proof),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<GetConsistencyProofRequest>,
+    ) -> Result<Response<GetConsistencyProofResponse>, Status> {
+        let request = request.into_inner();
+        let to_size = match request.to_size {
+            0 => self.ledger.tree_size(),
+            size => size,
+        };
+        let proof = self
+            .ledger
+            .consistency_proof(request.from_size, to_size)
+            .map_err(to_status)?;
+        Ok(Response::new(GetConsistencyProofResponse {
+            from_size: request.from_size,
+            to_size,
+            hashes: hashes(proof),
+        }))
+    }
+}

@@ -1,0 +1,24 @@
+//! The one place that maps core errors to gRPC statuses. Clients get a message that names
+//! the field or the index; storage details stay in the server's log.
+
+use tonic::{Code, Status};
+
+use crate::ledger::LedgerError;
+
+pub fn to_status(error: LedgerError) -> Status {
+    match error {
+        LedgerError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
+        LedgerError::OutOfRange { .. } => Status::out_of_range(error.to_string()),
+        LedgerError::NotFound(_) => Status::not_found(error.to_string()),
+        LedgerError::Conflict { .. } => Status::already_exists(error.to_string()),
+        LedgerError::Unavailable(_) => Status::unavailable(error.to_string()),
+        LedgerError::Integrity(_) => {
+            tracing::error!(%error, "integrity failure while serving a request");
+            Status::new(Code::DataLoss, error.to_string())
+        }
+        LedgerError::Storage(_) | LedgerError::Checkpoint(_) => {
+            tracing::error!(%error, "internal failure while serving a request");
+            Status::internal("internal storage error; see the server log")
+        }
+    }
+}

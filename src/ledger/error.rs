@@ -1,0 +1,67 @@
+//! Errors of the ledger core. `grpc::status` is the one place that maps them to statuses.
+
+use crate::storage::StorageError;
+
+use super::checkpoint::CheckpointError;
+use super::merkle::{NodeError, ProofError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A request argument is invalid; `field` names it as the client spelled it.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// A size or index lies beyond the current tree.
+    #[error("{field}: {reason}")]
+    OutOfRange { field: String, reason: String },
+    #[error("entry {0} does not exist")]
+    NotFound(u64),
+    /// The idempotency key is taken by an entry with different content.
+    #[error("{field}: already recorded at index {index} with different content")]
+    Conflict { field: String, index: u64 },
+    /// The store does not match what the ledger signed or chained: it was altered or damaged.
+    #[error("ledger integrity: {0}")]
+    Integrity(String),
+    /// Writes are refused (shut down, or an earlier durable write failed).
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+impl LedgerError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        LedgerError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn out_of_range(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        LedgerError::OutOfRange {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<NodeError> for LedgerError {
+    fn from(error: NodeError) -> Self {
+        match error {
+            NodeError::Missing(node) => {
+                LedgerError::Integrity(format!("tree node {node} is missing from the store"))
+            }
+            NodeError::Storage(storage) => LedgerError::Storage(storage),
+        }
+    }
+}
+
+impl From<ProofError> for LedgerError {
+    fn from(error: ProofError) -> Self {
+        match error {
+            ProofError::InvalidInput(reason) => LedgerError::invalid("tree_size", reason),
+            ProofError::Node(node) => node.into(),
+        }
+    }
+}

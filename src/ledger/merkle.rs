@@ -1,0 +1,501 @@
+//! The ledger's Merkle tree: RFC 9162 §2.1 hashing and proofs over nodes kept in Go
+//! sumdb/tlog's stored-hash layout (through `tlog_tiles`).
+//!
+//! In that layout each leaf adds its own hash plus the root of every perfect subtree it
+//! completes (two nodes per leaf on average), addressed by `stored_hash_index(level, n)`.
+//! Any tree size's root, any inclusion proof and any consistency proof then reads
+//! O(log n) stored nodes and never a leaf. The proofs are the RFC 9162 ones: audit paths
+//! leaf-to-root (§2.1.3.1) and consistency proofs in SUBPROOF order (§2.1.4.1); the
+//! integration tests check them with an independent RFC 9162 verifier.
+
+use std::collections::HashMap;
+
+pub use tlog_tiles::{EMPTY_HASH, Hash};
+use tlog_tiles::{HashReader, stored_hash_index};
+
+use crate::storage::StorageError;
+
+/// Size of every hash in the tree (SHA-256).
+pub const HASH_SIZE: usize = 32;
+
+/// Largest tree size the stored-hash layout addresses without overflowing a u64
+/// (`stored_hash_index(0, n)` is about `2n`). Larger sizes are rejected, never computed.
+pub const MAX_TREE_SIZE: u64 = 1 << 62;
+
+fn check_size(size: u64) -> Result<(), ProofError> {
+    if size > MAX_TREE_SIZE {
+        return Err(ProofError::InvalidInput("tree size is beyond 2^62"));
+    }
+    Ok(())
+}
+
+/// MTH of a one-leaf tree, RFC 9162 §2.1.1: `SHA-256(0x00 ‖ leaf)`.
+pub fn leaf_hash(leaf: &[u8]) -> Hash {
+    tlog_tiles::record_hash(leaf)
+}
+
+/// Interior node hash, RFC 9162 §2.1.1: `SHA-256(0x01 ‖ left ‖ right)`.
+pub fn node_hash(left: Hash, right: Hash) -> Hash {
+    tlog_tiles::node_hash(left, right)
+}
+
+/// Where the hash of leaf `index` lives in the stored-hash layout.
+pub fn leaf_node_index(index: u64) -> u64 {
+    stored_hash_index(0, index)
+}
+
+/// A source of stored tree nodes (the store, or the store plus a batch being written).
+pub trait NodeSource {
+    /// The nodes at the given stored-hash indices, in the same order.
+    fn nodes(&self, indices: &[u64]) -> Result<Vec<Hash>, NodeError>;
+}
+
+/// Why nodes could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A node that must exist for the tree size asked about is missing: the store is damaged.
+    #[error("tree node {0} is missing")]
+    Missing(u64),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Errors of the proof and root computations.
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    /// The sizes or index asked about do not describe a proof (e.g. `index >= tree_size`).
+    #[error("{0}")]
+    InvalidInput(&'static str),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// Adapts a [`NodeSource`] to `tlog_tiles`' reader, keeping the typed error aside because
+/// `tlog_tiles::Error` cannot carry it.
+struct Reader<'a, S: ?Sized> {
+    source: &'a S,
+    failure: std::cell::RefCell<Option<NodeError>>,
+}
+
+impl<'a, S: NodeSource + ?Sized> Reader<'a, S> {
+    fn new(source: &'a S) -> Self {
+        Reader {
+            source,
+            failure: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn error(&self, fallback: &'static str) -> ProofError {
+        match self.failure.borrow_mut().take() {
+            Some(node_error) => ProofError::Node(node_error),
+            None => ProofError::InvalidInput(fallback),
+        }
+    }
+}
+
+impl<S: NodeSource + ?Sized> HashReader for Reader<'_, S> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        self.source.nodes(indexes).map_err(|error| {
+            *self.failure.borrow_mut() = Some(error);
+            tlog_tiles::Error::IndexesNotInTree
+        })
+    }
+}
+
+/// MTH(D[0:tree_size]), RFC 9162 §2.1.1, from at most 1 + log2(tree_size) stored nodes.
+pub fn root_hash<S: NodeSource + ?Sized>(tree_size: u64, source: &S) -> Result<Hash, ProofError> {
+    check_size(tree_size)?;
+    let reader = Reader::new(source);
+    tlog_tiles::tree_hash(tree_size, &reader).map_err(|_| reader.error("tree size"))
+}
+
+/// PATH(index, D[0:tree_size]), RFC 9162 §2.1.3.1: sibling hashes from the leaf upwards.
+pub fn inclusion_proof<S: NodeSource + ?Sized>(
+    index: u64,
+    tree_size: u64,
+    source: &S,
+) -> Result<Vec<Hash>, ProofError> {
+    if index >= tree_size {
+        return Err(ProofError::InvalidInput(
+            "index must be less than tree_size",
+        ));
+    }
+    check_size(tree_size)?;
+    let reader = Reader::new(source);
+    tlog_tiles::prove_record(tree_size, index, &reader).map_err(|_| reader.error("index"))
+}
+
+/// PROOF(from_size, D[0:to_size]), RFC 9162 §2.1.4.1. Empty when `from_size` is 0 (every
+/// tree extends the empty tree) or equals `to_size`.
+pub fn consistency_proof<S: NodeSource + ?Sized>(
+    from_size: u64,
+    to_size: u64,
+    source: &S,
+) -> Result<Vec<Hash>, ProofError> {
+    if from_size > to_size {
+        return Err(ProofError::InvalidInput(
+            "from_size must not exceed to_size",
+        ));
+    }
+    check_size(to_size)?;
+    if from_size == 0 || from_size == to_size {
+        return Ok(Vec::new());
+    }
+    let reader = Reader::new(source);
+    tlog_tiles::prove_tree(to_size, from_size, &reader).map_err(|_| reader.error("sizes"))
+}
+
+/// The nodes to store when leaf `index` with hash `leaf_hash` is appended: the leaf hash,
+/// then the root of each perfect subtree the leaf completes, to be written from
+/// `leaf_node_index(index)` on. Reads at most log2(index) earlier nodes.
+pub fn nodes_for_new_leaf<S: NodeSource + ?Sized>(
+    index: u64,
+    leaf_hash: Hash,
+    source: &S,
+) -> Result<Vec<Hash>, ProofError> {
+    check_size(index)?;
+    let reader = Reader::new(source);
+    tlog_tiles::stored_hashes_for_record_hash(index, leaf_hash, &reader)
+        .map_err(|_| reader.error("index"))
+}
+
+/// Nodes being written on top of a [`NodeSource`]: what the writer sees while it extends the
+/// tree by a batch of leaves that are not yet in the store.
+pub struct PendingNodes<'a, S: ?Sized> {
+    base: &'a S,
+    pending: HashMap<u64, Hash>,
+}
+
+impl<'a, S: NodeSource + ?Sized> PendingNodes<'a, S> {
+    pub fn new(base: &'a S) -> Self {
+        PendingNodes {
+            base,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Appends leaf `index` and returns the nodes it adds, in stored-hash order from
+    /// `leaf_node_index(index)`.
+    pub fn push_leaf(&mut self, index: u64, leaf_hash: Hash) -> Result<Vec<Hash>, ProofError> {
+        let nodes = nodes_for_new_leaf(index, leaf_hash, &*self)?;
+        let first = leaf_node_index(index);
+        for (offset, node) in (0u64..).zip(&nodes) {
+            self.pending.insert(first + offset, *node);
+        }
+        Ok(nodes)
+    }
+}
+
+impl<S: NodeSource + ?Sized> NodeSource for PendingNodes<'_, S> {
+    fn nodes(&self, indices: &[u64]) -> Result<Vec<Hash>, NodeError> {
+        let missing: Vec<u64> = indices
+            .iter()
+            .copied()
+            .filter(|index| !self.pending.contains_key(index))
+            .collect();
+        let mut from_base = self.base.nodes(&missing)?.into_iter();
+        Ok(indices
+            .iter()
+            .map(|index| match self.pending.get(index) {
+                Some(node) => *node,
+                None => from_base.next().expect("base returned one node per index"),
+            })
+            .collect())
+    }
+}
+
+/// A complete in-memory node set, for tests and for recomputing a tree from its leaves.
+#[derive(Default)]
+pub struct MemoryNodes {
+    nodes: Vec<Hash>,
+    leaves: u64,
+}
+
+impl MemoryNodes {
+    pub fn push_leaf(&mut self, leaf_hash: Hash) -> Result<(), ProofError> {
+        let nodes = nodes_for_new_leaf(self.leaves, leaf_hash, self)?;
+        self.nodes.extend(nodes);
+        self.leaves += 1;
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.leaves
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.leaves == 0
+    }
+}
+
+impl NodeSource for MemoryNodes {
+    fn nodes(&self, indices: &[u64]) -> Result<Vec<Hash>, NodeError> {
+        indices
+            .iter()
+            .map(|&index| {
+                usize::try_from(index)
+                    .ok()
+                    .and_then(|i| self.nodes.get(i).copied())
+                    .ok_or(NodeError::Missing(index))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sha2_011::Sha256 as OracleSha256;
+
+    fn hex_hash(text: &str) -> Hash {
+        Hash(hex::decode(text).unwrap().try_into().unwrap())
+    }
+
+    /// The eight leaves of the RFC 6962 reference vectors (certificate-transparency,
+    /// transparency-dev/merkle `testonly`).
+    fn reference_leaves() -> Vec<Vec<u8>> {
+        [
+            "",
+            "00",
+            "10",
+            "2021",
+            "3031",
+            "40414243",
+            "5051525354555657",
+            "606162636465666768696a6b6c6d6e6f",
+        ]
+        .iter()
+        .map(|leaf| hex::decode(leaf).unwrap())
+        .collect()
+    }
+
+    fn reference_tree(size: usize) -> MemoryNodes {
+        let mut tree = MemoryNodes::default();
+        for leaf in reference_leaves().iter().take(size) {
+            tree.push_leaf(leaf_hash(leaf)).unwrap();
+        }
+        tree
+    }
+
+    #[test]
+    fn reference_roots() {
+        let roots = [
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+            "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+            "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+            "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+            "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+            "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+        ];
+        let tree = reference_tree(8);
+        for (size, root) in roots.iter().enumerate() {
+            assert_eq!(
+                root_hash(size as u64, &tree).unwrap(),
+                hex_hash(root),
+                "size {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn reference_inclusion_proofs() {
+        // (leaf index, tree size, audit path) from the RFC 6962 reference vectors.
+        let vectors: [(u64, u64, &[&str]); 4] = [
+            (
+                0,
+                8,
+                &[
+                    "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+                ],
+            ),
+            (
+                5,
+                8,
+                &[
+                    "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                    "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+                ],
+            ),
+            (
+                2,
+                3,
+                &["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"],
+            ),
+            (
+                1,
+                5,
+                &[
+                    "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                ],
+            ),
+        ];
+        let tree = reference_tree(8);
+        for (index, size, path) in vectors {
+            let expected: Vec<Hash> = path.iter().map(|h| hex_hash(h)).collect();
+            assert_eq!(inclusion_proof(index, size, &tree).unwrap(), expected);
+        }
+        assert!(inclusion_proof(0, 1, &tree).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reference_consistency_proofs() {
+        let vectors: [(u64, u64, &[&str]); 5] = [
+            (1, 1, &[]),
+            (
+                1,
+                8,
+                &[
+                    "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+                ],
+            ),
+            (
+                6,
+                8,
+                &[
+                    "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+                    "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+                ],
+            ),
+            (
+                2,
+                5,
+                &[
+                    "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                    "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                ],
+            ),
+            (
+                6,
+                7,
+                &[
+                    "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+                    "b08693ec2e721597130641e8211e7eedccb4c26413963eee6c1e2ed16ffb1a5f",
+                    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+                ],
+            ),
+        ];
+        let tree = reference_tree(8);
+        for (from, to, path) in vectors {
+            let expected: Vec<Hash> = path.iter().map(|h| hex_hash(h)).collect();
+            assert_eq!(
+                consistency_proof(from, to, &tree).unwrap(),
+                expected,
+                "{from}->{to}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_input_errors_not_panics() {
+        let tree = reference_tree(8);
+        assert!(matches!(
+            inclusion_proof(8, 8, &tree),
+            Err(ProofError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            inclusion_proof(0, 0, &tree),
+            Err(ProofError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            consistency_proof(5, 4, &tree),
+            Err(ProofError::InvalidInput(_))
+        ));
+        // A size past what the source holds is a missing node, not a panic.
+        assert!(matches!(
+            root_hash(9, &tree),
+            Err(ProofError::Node(NodeError::Missing(_)))
+        ));
+        assert!(matches!(
+            inclusion_proof(0, 1 << 40, &tree),
+            Err(ProofError::Node(NodeError::Missing(_)))
+        ));
+        assert!(matches!(
+            inclusion_proof(0, u64::MAX, &tree),
+            Err(ProofError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            consistency_proof(1, u64::MAX, &tree),
+            Err(ProofError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            root_hash(u64::MAX, &tree),
+            Err(ProofError::InvalidInput(_))
+        ));
+        assert_eq!(consistency_proof(0, 8, &tree).unwrap(), Vec::<Hash>::new());
+    }
+
+    type Oracle = ct_merkle::mem_backed_tree::MemoryBackedTree<OracleSha256, Vec<u8>>;
+
+    fn build(leaves: &[Vec<u8>]) -> (MemoryNodes, Oracle) {
+        let mut ours = MemoryNodes::default();
+        let mut oracle = Oracle::new();
+        for leaf in leaves {
+            ours.push_leaf(leaf_hash(leaf)).unwrap();
+            oracle.push(leaf.clone());
+        }
+        (ours, oracle)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Roots and inclusion proofs agree with ct-merkle, an independent RFC 6962 implementation.
+        #[test]
+        fn agrees_with_ct_merkle(leaves in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..70), pick in any::<prop::sample::Index>()) {
+            let (ours, oracle) = build(&leaves);
+            let size = leaves.len() as u64;
+            let oracle_root = oracle.root().as_bytes().to_vec();
+            prop_assert_eq!(root_hash(size, &ours).unwrap().0.to_vec(), oracle_root);
+            let index = pick.index(leaves.len());
+            let proof = inclusion_proof(index as u64, size, &ours).unwrap();
+            let flat: Vec<u8> = proof.iter().flat_map(|h| h.0).collect();
+            prop_assert_eq!(flat, oracle.prove_inclusion(index).as_bytes().to_vec());
+        }
+
+        /// Consistency proofs between any two prefixes agree with ct-merkle's.
+        #[test]
+        fn consistency_agrees_with_ct_merkle(leaves in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 2..70), a in any::<prop::sample::Index>(), b in any::<prop::sample::Index>()) {
+            let (ours, _) = build(&leaves);
+            let n = leaves.len();
+            let (mut from, mut to) = (a.index(n) + 1, b.index(n) + 1);
+            if from > to { std::mem::swap(&mut from, &mut to); }
+            prop_assume!(from < to);
+            let (_, oracle) = build(&leaves[..to]);
+            let proof = consistency_proof(from as u64, to as u64, &ours).unwrap();
+            let flat: Vec<u8> = proof.iter().flat_map(|h| h.0).collect();
+            // ct-merkle proves that its tree extends its own prefix by `to - from` leaves.
+            prop_assert_eq!(flat, oracle.prove_consistency(to - from).as_bytes().to_vec());
+        }
+
+        /// A batch appended through `PendingNodes` stores exactly what leaf-by-leaf appends do.
+        #[test]
+        fn pending_nodes_match_one_by_one(split in 0usize..40, total in 1usize..80) {
+            let split = split.min(total);
+            let hashes: Vec<Hash> = (0..total).map(|i| leaf_hash(&(i as u64).to_be_bytes())).collect();
+            let mut base = MemoryNodes::default();
+            for h in &hashes[..split] { base.push_leaf(*h).unwrap(); }
+            let mut full = MemoryNodes::default();
+            for h in &hashes { full.push_leaf(*h).unwrap(); }
+            let mut pending = PendingNodes::new(&base);
+            for (i, h) in hashes.iter().enumerate().skip(split) {
+                let nodes = pending.push_leaf(i as u64, *h).unwrap();
+                let first = leaf_node_index(i as u64);
+                let expected: Vec<u64> = (first..first + nodes.len() as u64).collect();
+                prop_assert_eq!(nodes, full.nodes(&expected).unwrap());
+            }
+            prop_assert_eq!(root_hash(total as u64, &pending).unwrap(), root_hash(total as u64, &full).unwrap());
+        }
+    }
+}

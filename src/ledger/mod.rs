@@ -1,0 +1,282 @@
+//! The ledger core: sequencing, the hash chain, the Merkle tree (RFC 9162) and signed
+//! checkpoints. Plain Rust: no tonic, no sled, no generated proto types. It stores and
+//! hashes opaque record bytes that `records` prepares.
+//!
+//! One writer thread ([`writer`]) owns sequencing, hashing and durability. Readers go
+//! straight to the store, bounded by the published checkpoint, and never wait on it.
+
+pub mod checkpoint;
+pub mod error;
+pub mod leaf;
+pub mod merkle;
+pub mod time;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::storage::Store;
+pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
+pub use error::LedgerError;
+use merkle::{Hash, NodeError, NodeSource};
+
+/// A record to append, prepared (validated and encoded) by the caller.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// Identifies the record across retries, e.g. (sender_id, message_id).
+    pub idempotency_key: Vec<u8>,
+    /// The record's encoded `LeafRecord` fields (everything but fields 1-3).
+    pub content: Vec<u8>,
+    /// Stored beside the leaf; `content` commits to it by digest.
+    pub body: Vec<u8>,
+    /// How the client names this record in errors, e.g. `communications[3]`.
+    pub field: String,
+}
+
+/// The outcome of appending one record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Appended {
+    pub index: u64,
+    pub leaf_hash: Hash,
+    /// The record was already in the ledger at `index`; nothing was appended.
+    pub duplicate: bool,
+}
+
+/// One stored entry.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    pub index: u64,
+    pub leaf: Vec<u8>,
+    pub leaf_hash: Hash,
+    pub body: Vec<u8>,
+}
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Most records one group commit takes; bounds the latency a big group adds.
+    pub max_group_records: usize,
+    /// Append requests that may wait for the writer before callers are made to wait.
+    pub queue_depth: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            max_group_records: 8192,
+            queue_depth: 4096,
+        }
+    }
+}
+
+/// What readers see: the latest checkpoint the writer made durable.
+struct Published {
+    checkpoint: ArcSwap<SignedCheckpoint>,
+}
+
+/// A cheap, cloneable handle to the ledger.
+#[derive(Clone)]
+pub struct Ledger {
+    store: Arc<dyn Store>,
+    published: Arc<Published>,
+    requests: mpsc::Sender<writer::Command>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Ledger {
+    /// Opens the ledger on `store`: checks the stored tail against the last signed checkpoint
+    /// (O(log n) reads, no replay), signs the empty tree on first start, and starts the writer.
+    pub fn open(
+        store: Arc<dyn Store>,
+        signer: CheckpointSigner,
+        options: LedgerOptions,
+    ) -> Result<Ledger, LedgerError> {
+        let state = writer::recover(store.as_ref(), &signer)?;
+        let published = Arc::new(Published {
+            checkpoint: ArcSwap::from_pointee(state.checkpoint.clone()),
+        });
+        let (requests, queue) = mpsc::channel(options.queue_depth.max(1));
+        let handle = writer::spawn(
+            store.clone(),
+            signer,
+            state,
+            published.clone(),
+            queue,
+            options,
+        )?;
+        Ok(Ledger {
+            store,
+            published,
+            requests,
+            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Appends records, all or nothing, and returns once they are durable. New records get
+    /// contiguous indices in the order given; a record whose idempotency key is already
+    /// taken by identical content is reported as a duplicate of the earlier entry.
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LedgerError> {
+        let (reply, response) = oneshot::channel();
+        self.requests
+            .send(writer::Command::Append { records, reply })
+            .await
+            .map_err(|_| LedgerError::Unavailable("the ledger is shutting down".into()))?;
+        response
+            .await
+            .map_err(|_| LedgerError::Unavailable("the ledger is shutting down".into()))?
+    }
+
+    /// The latest signed checkpoint. Every acknowledged append is covered by it.
+    pub fn checkpoint(&self) -> Arc<SignedCheckpoint> {
+        self.published.checkpoint.load_full()
+    }
+
+    /// Number of entries in the published tree.
+    pub fn tree_size(&self) -> u64 {
+        self.published.checkpoint.load().size
+    }
+
+    /// Entry `index`, if it is in the published tree.
+    pub fn entry(&self, index: u64) -> Result<StoredEntry, LedgerError> {
+        if index >= self.tree_size() {
+            return Err(LedgerError::NotFound(index));
+        }
+        read_entry(self.store.as_ref(), index)
+    }
+
+    /// Inclusion proof of entry `index` in the tree of `tree_size` entries (RFC 9162 §2.1.3).
+    pub fn inclusion_proof(&self, index: u64, tree_size: u64) -> Result<Vec<Hash>, LedgerError> {
+        let current = self.tree_size();
+        if tree_size > current {
+            return Err(LedgerError::out_of_range(
+                "tree_size",
+                format!("{tree_size} is past the current tree size {current}"),
+            ));
+        }
+        if index >= tree_size {
+            return Err(LedgerError::invalid(
+                "index",
+                format!("{index} is not less than tree_size {tree_size}"),
+            ));
+        }
+        Ok(merkle::inclusion_proof(
+            index,
+            tree_size,
+            &StoreNodes(self.store.as_ref()),
+        )?)
+    }
+
+    /// Consistency proof from the tree of `from_size` to the tree of `to_size` entries
+    /// (RFC 9162 §2.1.4).
+    pub fn consistency_proof(
+        &self,
+        from_size: u64,
+        to_size: u64,
+    ) -> Result<Vec<Hash>, LedgerError> {
+        let current = self.tree_size();
+        if to_size > current {
+            return Err(LedgerError::out_of_range(
+                "to_size",
+                format!("{to_size} is past the current tree size {current}"),
+            ));
+        }
+        if from_size > to_size {
+            return Err(LedgerError::invalid(
+                "from_size",
+                format!("{from_size} is greater than to_size {to_size}"),
+            ));
+        }
+        Ok(merkle::consistency_proof(
+            from_size,
+            to_size,
+            &StoreNodes(self.store.as_ref()),
+        )?)
+    }
+
+    /// Root hash of the tree of `tree_size` entries.
+    pub fn root_hash(&self, tree_size: u64) -> Result<Hash, LedgerError> {
+        let current = self.tree_size();
+        if tree_size > current {
+            return Err(LedgerError::out_of_range(
+                "tree_size",
+                format!("{tree_size} is past the current tree size {current}"),
+            ));
+        }
+        Ok(merkle::root_hash(
+            tree_size,
+            &StoreNodes(self.store.as_ref()),
+        )?)
+    }
+
+    /// Stops the writer after the appends already queued, and waits for it.
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        if self
+            .requests
+            .send(writer::Command::Shutdown { done })
+            .await
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
+        let handle = self.writer.lock().expect("writer handle lock").take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+/// Reads entry `index` from the store, whatever the published size (for recovery and verify).
+pub fn read_entry(store: &dyn Store, index: u64) -> Result<StoredEntry, LedgerError> {
+    let leaf = store
+        .leaf(index)?
+        .ok_or_else(|| LedgerError::Integrity(format!("entry {index}: leaf is missing")))?;
+    let leaf_hash = store
+        .leaf_nodes(index)?
+        .and_then(|nodes| nodes.first().copied())
+        .ok_or_else(|| LedgerError::Integrity(format!("entry {index}: leaf hash is missing")))?;
+    let body = store.body(index)?.unwrap_or_default();
+    Ok(StoredEntry {
+        index,
+        leaf,
+        leaf_hash,
+        body,
+    })
+}
+
+/// The store's tree nodes as a [`NodeSource`]. Node `(level, n)` of the stored-hash layout
+/// was written with leaf `((n + 1) << level) - 1`, at position `level` of its node list.
+pub struct StoreNodes<'a>(pub &'a dyn Store);
+
+impl NodeSource for StoreNodes<'_> {
+    fn nodes(&self, indices: &[u64]) -> Result<Vec<Hash>, NodeError> {
+        let mut by_leaf: HashMap<u64, Vec<Hash>> = HashMap::new();
+        indices
+            .iter()
+            .map(|&stored_index| {
+                let (level, n) = tlog_tiles::split_stored_hash_index(stored_index);
+                let leaf = n
+                    .checked_add(1)
+                    .and_then(|next| next.checked_shl(u32::from(level)))
+                    .filter(|shifted| shifted >> level == n + 1)
+                    .map(|shifted| shifted - 1)
+                    .ok_or(NodeError::Missing(stored_index))?;
+                let nodes = match by_leaf.entry(leaf) {
+                    std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
+                        self.0
+                            .leaf_nodes(leaf)?
+                            .ok_or(NodeError::Missing(stored_index))?,
+                    ),
+                };
+                nodes
+                    .get(usize::from(level))
+                    .copied()
+                    .ok_or(NodeError::Missing(stored_index))
+            })
+            .collect()
+    }
+}

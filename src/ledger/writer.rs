@@ -1,0 +1,397 @@
+//! The single writer: sequencing, chaining, hashing, signing and durability.
+//!
+//! It drains the queue into a group (up to `max_group_records`), gives the group's new
+//! records contiguous indices, chains and hashes their leaves, extends the tree, signs one
+//! checkpoint over the result, commits everything in one atomic store batch with one flush,
+//! publishes the checkpoint and only then answers every waiter (group commit). Concurrent
+//! appends therefore share a flush, get one total order with no gaps, and an acknowledged
+//! entry is both durable and covered by the checkpoint readers see.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::checkpoint::{CheckpointSigner, SignedCheckpoint};
+use super::error::LedgerError;
+use super::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header, encode_leaf};
+use super::merkle::{self, EMPTY_HASH, Hash, PendingNodes};
+use super::time::Timestamp;
+use super::{Appended, LedgerOptions, NewRecord, Published, StoreNodes};
+use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, Store};
+
+pub(super) enum Command {
+    Append {
+        records: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<Vec<Appended>, LedgerError>>,
+    },
+    /// Finish what is queued before this, then stop.
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// What the writer knows about the tip of the chain.
+pub(super) struct WriterState {
+    pub checkpoint: SignedCheckpoint,
+    last_leaf_hash: Hash,
+    last_recorded_at: Timestamp,
+}
+
+/// Checks the store's tail against its last signed checkpoint and returns the writer's
+/// state. Signs and commits the empty tree's checkpoint on first start. Never replays the log.
+pub(super) fn recover(
+    store: &dyn Store,
+    signer: &CheckpointSigner,
+) -> Result<WriterState, LedgerError> {
+    let Some((stored_size, note)) = store.latest_checkpoint()? else {
+        if let Some(index) = store.last_leaf_index()? {
+            return Err(LedgerError::Integrity(format!(
+                "entry {index} is stored but no checkpoint was ever signed"
+            )));
+        }
+        let checkpoint = signer.sign(0, EMPTY_HASH)?;
+        store.commit(CommitBatch {
+            checkpoint: Some((0, checkpoint.note.clone().into_bytes())),
+            ..CommitBatch::default()
+        })?;
+        return Ok(WriterState {
+            checkpoint,
+            last_leaf_hash: GENESIS_PREV_LEAF_HASH,
+            last_recorded_at: Timestamp::default(),
+        });
+    };
+
+    let checkpoint = signer.verifier().verify(&note).map_err(|error| {
+        LedgerError::Integrity(format!(
+            "the latest checkpoint (size {stored_size}): {error}"
+        ))
+    })?;
+    if checkpoint.size != stored_size {
+        return Err(LedgerError::Integrity(format!(
+            "the checkpoint stored for size {stored_size} says size {}",
+            checkpoint.size
+        )));
+    }
+    let size = checkpoint.size;
+    match store.last_leaf_index()? {
+        Some(last) if last + 1 != size => {
+            return Err(LedgerError::Integrity(format!(
+                "the last stored entry is {last} but the last signed checkpoint covers {size} entries"
+            )));
+        }
+        None if size != 0 => {
+            return Err(LedgerError::Integrity(format!(
+                "no entry is stored but the last signed checkpoint covers {size} entries"
+            )));
+        }
+        _ => {}
+    }
+    let root = merkle::root_hash(size, &StoreNodes(store))?;
+    if root != checkpoint.root_hash {
+        return Err(LedgerError::Integrity(format!(
+            "the stored tree of {size} entries does not have the signed root hash"
+        )));
+    }
+    if size == 0 {
+        return Ok(WriterState {
+            checkpoint,
+            last_leaf_hash: GENESIS_PREV_LEAF_HASH,
+            last_recorded_at: Timestamp::default(),
+        });
+    }
+    let last = super::read_entry(store, size - 1)?;
+    if merkle::leaf_hash(&last.leaf) != last.leaf_hash {
+        return Err(LedgerError::Integrity(format!(
+            "entry {}: leaf bytes do not match the leaf hash in the tree",
+            size - 1
+        )));
+    }
+    let header = decode_header(&last.leaf)
+        .map_err(|error| LedgerError::Integrity(format!("entry {}: {error}", size - 1)))?;
+    if header.index != size - 1 {
+        return Err(LedgerError::Integrity(format!(
+            "entry {} says it is entry {}",
+            size - 1,
+            header.index
+        )));
+    }
+    Ok(WriterState {
+        checkpoint,
+        last_leaf_hash: last.leaf_hash,
+        last_recorded_at: header.recorded_at,
+    })
+}
+
+pub(super) fn spawn(
+    store: Arc<dyn Store>,
+    signer: CheckpointSigner,
+    state: WriterState,
+    published: Arc<Published>,
+    queue: mpsc::Receiver<Command>,
+    options: LedgerOptions,
+) -> Result<std::thread::JoinHandle<()>, LedgerError> {
+    let writer = Writer {
+        store,
+        signer,
+        state,
+        published,
+        options,
+        failed: None,
+    };
+    std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || writer.run(queue))
+        .map_err(|error| LedgerError::Unavailable(format!("cannot start the writer: {error}")))
+}
+
+struct Writer {
+    store: Arc<dyn Store>,
+    signer: CheckpointSigner,
+    state: WriterState,
+    published: Arc<Published>,
+    options: LedgerOptions,
+    /// Set when a commit failed: what the store holds is then uncertain until a restart
+    /// re-reads it, so no further write is attempted.
+    failed: Option<String>,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Appended>, LedgerError>>;
+
+impl Writer {
+    fn run(mut self, mut queue: mpsc::Receiver<Command>) {
+        while let Some(command) = queue.blocking_recv() {
+            let mut group: Vec<(Vec<NewRecord>, Reply)> = Vec::new();
+            let mut records = 0usize;
+            let mut shutdown = None;
+            let mut next = Some(command);
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append {
+                        records: batch,
+                        reply,
+                    } => {
+                        records += batch.len();
+                        group.push((batch, reply));
+                    }
+                    Command::Shutdown { done } => {
+                        shutdown = Some(done);
+                        break;
+                    }
+                }
+                if records < self.options.max_group_records {
+                    next = queue.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+            if let Some(done) = shutdown {
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<(Vec<NewRecord>, Reply)>) {
+        if let Some(reason) = &self.failed {
+            for (_, reply) in group {
+                let _ = reply.send(Err(LedgerError::Unavailable(reason.clone())));
+            }
+            return;
+        }
+        match self.sequence(&group) {
+            Ok((outcomes, None)) => {
+                for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Ok((outcomes, Some((batch, next_state)))) => {
+                let size = next_state.checkpoint.size;
+                match self.store.commit(batch) {
+                    Ok(()) => {
+                        self.published
+                            .checkpoint
+                            .store(Arc::new(next_state.checkpoint.clone()));
+                        self.state = next_state;
+                        tracing::debug!(tree_size = size, "group committed");
+                        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "group commit failed; refusing further writes");
+                        let reason =
+                            format!("a durable write failed ({error}); restart the server");
+                        self.failed = Some(reason.clone());
+                        for (_, reply) in group {
+                            let _ = reply.send(Err(LedgerError::Unavailable(reason.clone())));
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "sequencing failed; refusing further writes");
+                let reason = format!("sequencing failed ({error}); restart the server");
+                self.failed = Some(reason.clone());
+                for (_, reply) in group {
+                    let _ = reply.send(Err(LedgerError::Unavailable(reason.clone())));
+                }
+            }
+        }
+    }
+
+    /// Decides every request of the group and builds the batch that makes the group's new
+    /// entries durable. A request that fails (conflict) fails alone and appends nothing; an
+    /// error returned from here is a store failure that fails the whole group.
+    #[allow(clippy::type_complexity)]
+    fn sequence(
+        &self,
+        group: &[(Vec<NewRecord>, Reply)],
+    ) -> Result<
+        (
+            Vec<Result<Vec<Appended>, LedgerError>>,
+            Option<(CommitBatch, WriterState)>,
+        ),
+        LedgerError,
+    > {
+        let store = self.store.as_ref();
+        let base_nodes = StoreNodes(store);
+        let mut nodes = PendingNodes::new(&base_nodes);
+        let mut batch = CommitBatch::default();
+        let mut claimed: HashMap<Vec<u8>, IdempotencyRecord> = HashMap::new();
+        let mut size = self.state.checkpoint.size;
+        let mut prev_leaf_hash = self.state.last_leaf_hash;
+        // recorded_at never decreases along the chain, even if the wall clock steps back.
+        let recorded_at = Timestamp::now().max(self.state.last_recorded_at);
+        let mut outcomes = Vec::with_capacity(group.len());
+
+        for (records, _) in group {
+            // Decide every record of the request before giving out any index.
+            let mut decisions = Vec::with_capacity(records.len());
+            let mut in_request: HashMap<&[u8], (usize, [u8; 32])> = HashMap::new();
+            let mut rejected = None;
+            for (position, record) in records.iter().enumerate() {
+                let digest: [u8; 32] = Sha256::digest(&record.content).into();
+                let earlier = match claimed.get(&record.idempotency_key) {
+                    Some(existing) => Some(*existing),
+                    None => store.idempotency_record(&record.idempotency_key)?,
+                };
+                let decision = if let Some(existing) = earlier {
+                    if existing.content_digest != digest {
+                        rejected = Some(LedgerError::Conflict {
+                            field: record.field.clone(),
+                            index: existing.index,
+                        });
+                        break;
+                    }
+                    Decision::Existing(existing.index)
+                } else if let Some(&(first, first_digest)) =
+                    in_request.get(record.idempotency_key.as_slice())
+                {
+                    if first_digest != digest {
+                        rejected = Some(LedgerError::invalid(
+                            record.field.clone(),
+                            format!(
+                                "repeats the idempotency key of {} with different content",
+                                records[first].field
+                            ),
+                        ));
+                        break;
+                    }
+                    Decision::SameAs(first)
+                } else {
+                    in_request.insert(&record.idempotency_key, (position, digest));
+                    Decision::New(digest)
+                };
+                decisions.push(decision);
+            }
+            if let Some(error) = rejected {
+                outcomes.push(Err(error));
+                continue;
+            }
+
+            let mut appended: Vec<Appended> = Vec::with_capacity(records.len());
+            for (record, decision) in records.iter().zip(decisions) {
+                let outcome = match decision {
+                    Decision::Existing(index) => Appended {
+                        index,
+                        leaf_hash: self.leaf_hash_of(index, &batch)?,
+                        duplicate: true,
+                    },
+                    Decision::SameAs(position) => Appended {
+                        duplicate: true,
+                        ..appended[position]
+                    },
+                    Decision::New(content_digest) => {
+                        let index = size;
+                        let header = LeafHeader {
+                            index,
+                            prev_leaf_hash,
+                            recorded_at,
+                        };
+                        let leaf = encode_leaf(&header, &record.content);
+                        let leaf_hash = merkle::leaf_hash(&leaf);
+                        let new_nodes = nodes.push_leaf(index, leaf_hash)?;
+                        let claim = IdempotencyRecord {
+                            index,
+                            content_digest,
+                        };
+                        claimed.insert(record.idempotency_key.clone(), claim);
+                        batch
+                            .idempotency
+                            .push((record.idempotency_key.clone(), claim));
+                        batch.entries.push(NewEntry {
+                            index,
+                            leaf,
+                            nodes: new_nodes,
+                            body: record.body.clone(),
+                        });
+                        prev_leaf_hash = leaf_hash;
+                        size += 1;
+                        Appended {
+                            index,
+                            leaf_hash,
+                            duplicate: false,
+                        }
+                    }
+                };
+                appended.push(outcome);
+            }
+            outcomes.push(Ok(appended));
+        }
+
+        if batch.entries.is_empty() {
+            return Ok((outcomes, None));
+        }
+        let root_hash = merkle::root_hash(size, &nodes)?;
+        let checkpoint = self.signer.sign(size, root_hash)?;
+        batch.checkpoint = Some((size, checkpoint.note.clone().into_bytes()));
+        let next_state = WriterState {
+            checkpoint,
+            last_leaf_hash: prev_leaf_hash,
+            last_recorded_at: recorded_at,
+        };
+        Ok((outcomes, Some((batch, next_state))))
+    }
+
+    /// The leaf hash of an entry that is either stored or in the batch being built.
+    fn leaf_hash_of(&self, index: u64, batch: &CommitBatch) -> Result<Hash, LedgerError> {
+        if let Some(first) = batch.entries.first() {
+            if index >= first.index {
+                let offset = usize::try_from(index - first.index).unwrap_or(usize::MAX);
+                if let Some(entry) = batch.entries.get(offset) {
+                    return Ok(entry.nodes[0]);
+                }
+            }
+        }
+        Ok(super::read_entry(self.store.as_ref(), index)?.leaf_hash)
+    }
+}
+
+enum Decision {
+    /// Already in the ledger (or earlier in this group) with the same content.
+    Existing(u64),
+    /// Same key and content as an earlier record of the same request.
+    SameAs(usize),
+    New([u8; 32]),
+}

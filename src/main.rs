@@ -1,0 +1,191 @@
+//! The `audit-ledger` binary: parse the command line, set up logging, run a command.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use audit_ledger::config::ServerConfig;
+use audit_ledger::keys;
+use audit_ledger::ledger::CheckpointVerifier;
+use audit_ledger::server::{self, STORE_DIR_NAME, Server};
+use audit_ledger::storage::SledStore;
+use audit_ledger::verify::verify_store;
+
+#[derive(Parser)]
+#[command(
+    name = "audit-ledger",
+    version,
+    about = "Append-only, verifiable ledger of customer communications"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC service.
+    Serve(ServeArgs),
+    /// Print the log's public key as a C2SP note verifier key (works while the server runs).
+    VerifierKey(KeyArgs),
+    /// Verify a stopped ledger end to end; exit 1 naming the first bad index.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// Data directory of the ledger.
+    #[arg(long, env = "AUDIT_LEDGER_DATA_DIR", default_value = "./ledger-data")]
+    data_dir: PathBuf,
+    /// Signing key file [default: <data-dir>/signing.key].
+    #[arg(long, env = "AUDIT_LEDGER_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "AUDIT_LEDGER_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// The log's name (checkpoint origin and key name) [default: the key's name, or
+    /// localhost/audit-ledger on first start].
+    #[arg(long, env = "AUDIT_LEDGER_ORIGIN")]
+    origin: Option<String>,
+    /// Largest communication body, in bytes.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Most communications in one AppendBatch.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_BATCH_RECORDS", default_value_t = 10_000)]
+    max_batch_records: usize,
+    /// Largest gRPC request, in bytes.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Most entries one ListEntries call streams.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_LIST_ENTRIES", default_value_t = 10_000)]
+    max_list_entries: u64,
+    /// sled page cache size, in bytes.
+    #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    cache_bytes: u64,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Verify with this note verifier key instead of the one derived from the signing key.
+    #[arg(long)]
+    verifier_key: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::VerifierKey(args) => verifier_key(args),
+        Command::Verify(args) => verify(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = ServerConfig::new(args.key.data_dir, args.listen);
+    config.origin = args.origin;
+    config.signing_key = args.key.signing_key;
+    config.record_limits.max_body_bytes = args.max_body_bytes;
+    config.max_batch_records = args.max_batch_records;
+    config.max_message_bytes = args.max_message_bytes;
+    config.max_list_entries = args.max_list_entries;
+    config.cache_bytes = args.cache_bytes;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let server = Server::open(config)?;
+        let address = listener.local_addr()?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on {address}")?;
+        stdout.flush()?;
+        tracing::info!(%address, "serving");
+        server.serve(listener, server::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn verifier_key(args: KeyArgs) -> anyhow::Result<ExitCode> {
+    let path = keys::key_path(&args.data_dir, args.signing_key.as_deref());
+    let signer = keys::load(&path)?;
+    println!("{}", signer.verifier_key());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let verifier = match args.verifier_key {
+        Some(key) => CheckpointVerifier::new(&key)?,
+        None => {
+            let path = keys::key_path(&args.key.data_dir, args.key.signing_key.as_deref());
+            keys::load(&path)?.verifier()
+        }
+    };
+    let store_dir = args.key.data_dir.join(STORE_DIR_NAME);
+    if !store_dir.is_dir() {
+        anyhow::bail!("{} holds no ledger store", args.key.data_dir.display());
+    }
+    let store = Arc::new(SledStore::open(&store_dir, 64 * 1024 * 1024)?);
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
+        )
+        .expect("valid template"),
+    );
+    let started = std::time::Instant::now();
+    let result = verify_store(store.as_ref(), &verifier, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(report) => {
+            println!(
+                "ok: {} entries, root {}, {} signed checkpoints consistent, origin {} ({:.1}s)",
+                report.tree_size,
+                hex_string(&report.root_hash.0),
+                report.checkpoints,
+                report.origin,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            match error.first_bad_index() {
+                Some(index) => println!("FAILED at entry {index}: {error}"),
+                None => println!("FAILED: {error}"),
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}

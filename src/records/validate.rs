@@ -1,0 +1,91 @@
+//! Field checks shared by every record kind. Each failure names the field as the client
+//! spelled it, e.g. `communications[2].sender_id`.
+
+use crate::ledger::LedgerError;
+
+/// A required id: non-empty, at most `max_bytes`, no control characters.
+pub fn required_id(field: &str, value: &str, max_bytes: usize) -> Result<(), LedgerError> {
+    if value.is_empty() {
+        return Err(LedgerError::invalid(field, "must not be empty"));
+    }
+    optional_id(field, value, max_bytes)
+}
+
+/// An optional id: empty, or at most `max_bytes` with no control characters.
+pub fn optional_id(field: &str, value: &str, max_bytes: usize) -> Result<(), LedgerError> {
+    if value.len() > max_bytes {
+        return Err(LedgerError::invalid(
+            field,
+            format!(
+                "is {} bytes, more than the limit of {max_bytes}",
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(LedgerError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A free-text field: at most `max_bytes`.
+pub fn max_len(field: &str, len: usize, max_bytes: usize) -> Result<(), LedgerError> {
+    if len > max_bytes {
+        return Err(LedgerError::invalid(
+            field,
+            format!("is {len} bytes, more than the limit of {max_bytes}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A `google.protobuf.Timestamp` must lie in 0001-01-01..=9999-12-31 with
+/// `0 <= nanos < 1e9`, as the well-known type defines.
+pub fn timestamp(field: &str, value: &prost_types::Timestamp) -> Result<(), LedgerError> {
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&value.seconds) {
+        return Err(LedgerError::invalid(
+            field,
+            "is outside 0001-01-01..9999-12-31",
+        ));
+    }
+    if !(0..1_000_000_000).contains(&value.nanos) {
+        return Err(LedgerError::invalid(field, "nanos must be in 0..1e9"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(required_id("f", "", 8).is_err());
+        assert!(required_id("f", "abc", 8).is_ok());
+        assert!(required_id("f", "123456789", 8).is_err());
+        assert!(required_id("f", "a\nb", 8).is_err());
+        assert!(required_id("f", "a\u{7f}b", 8).is_err());
+        assert!(optional_id("f", "", 8).is_ok());
+        let error = required_id("communication.sender_id", "", 8).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "communication.sender_id: must not be empty"
+        );
+    }
+
+    #[test]
+    fn timestamps() {
+        let at = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        assert!(timestamp("t", &at(0, 0)).is_ok());
+        assert!(timestamp("t", &at(1_700_000_000, 999_999_999)).is_ok());
+        assert!(timestamp("t", &at(0, -1)).is_err());
+        assert!(timestamp("t", &at(0, 1_000_000_000)).is_err());
+        assert!(timestamp("t", &at(i64::MAX, 0)).is_err());
+        assert!(timestamp("t", &at(i64::MIN, 0)).is_err());
+    }
+}

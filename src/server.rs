@@ -1,0 +1,114 @@
+//! Wiring: open the signing key, the store and the ledger; serve gRPC until shutdown; then
+//! let the writer finish what it acknowledged and close the store.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{DEFAULT_ORIGIN, ServerConfig};
+use crate::grpc::LedgerApi;
+use crate::keys::{self, KeyError};
+use crate::ledger::{Ledger, LedgerError, LedgerOptions};
+use crate::proto::ledger_service_server::LedgerServiceServer;
+use crate::storage::{SledStore, StorageError};
+
+/// Directory of the sled store inside the data dir.
+pub const STORE_DIR_NAME: &str = "store";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("signing key: {0}")]
+    Key(#[from] KeyError),
+    #[error("store: {0}")]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// An opened ledger, ready to serve.
+pub struct Server {
+    ledger: Ledger,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Opens (creating on first start) the data dir, key, store and ledger. Fails, saying
+    /// why, when the store does not match what the key signed.
+    pub fn open(config: ServerConfig) -> Result<Server, ServerError> {
+        keys::create_private_dir(&config.data_dir)?;
+        let key_path = keys::key_path(&config.data_dir, config.signing_key.as_deref());
+        let signer = keys::load_or_create(
+            &key_path,
+            config.origin.as_deref(),
+            DEFAULT_ORIGIN,
+            config.signing_key.is_none(),
+        )?;
+        let store = SledStore::open(&config.data_dir.join(STORE_DIR_NAME), config.cache_bytes)?;
+        let ledger = Ledger::open(
+            Arc::new(store),
+            signer,
+            LedgerOptions {
+                max_group_records: config.max_group_records,
+                ..LedgerOptions::default()
+            },
+        )?;
+        tracing::info!(
+            origin = %ledger.checkpoint().origin,
+            tree_size = ledger.tree_size(),
+            data_dir = %config.data_dir.display(),
+            "ledger open"
+        );
+        Ok(Server { ledger, config })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains in-flight calls and
+    /// stops the writer.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let service =
+            LedgerServiceServer::new(LedgerApi::new(self.ledger.clone(), self.config.clone()))
+                .max_decoding_message_size(self.config.max_message_bytes)
+                .max_encoding_message_size(self.config.max_message_bytes);
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        self.ledger.shutdown().await;
+        tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
+        Ok(result?)
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}

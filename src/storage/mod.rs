@@ -1,0 +1,108 @@
+//! Where the ledger's bytes live. The ledger core talks to a [`Store`]; `sled` is the
+//! default (embedded, no server). Another backend implements the same trait.
+//!
+//! A store is dumb on purpose: it keeps what it is given and returns it. Sequencing,
+//! hashing, chaining and signing all happen in the ledger core, so every backend holds
+//! exactly the same bytes and a ledger verifies the same way whatever it is stored in.
+
+pub mod sled_store;
+
+pub use sled_store::SledStore;
+
+use crate::ledger::merkle::Hash;
+
+/// Everything one group commit writes. [`Store::commit`] applies it all or nothing and
+/// returns only once it is durable.
+#[derive(Debug, Default)]
+pub struct CommitBatch {
+    pub entries: Vec<NewEntry>,
+    /// Idempotency keys of the new entries.
+    pub idempotency: Vec<(Vec<u8>, IdempotencyRecord)>,
+    /// The checkpoint signed over the tree that includes `entries`: `(tree size, note)`.
+    pub checkpoint: Option<(u64, Vec<u8>)>,
+}
+
+/// One new entry: its leaf, the tree nodes it adds and its body.
+#[derive(Debug)]
+pub struct NewEntry {
+    pub index: u64,
+    pub leaf: Vec<u8>,
+    /// The nodes this leaf adds in the stored-hash layout: its leaf hash first, then the root
+    /// of each perfect subtree it completes, by level.
+    pub nodes: Vec<Hash>,
+    pub body: Vec<u8>,
+}
+
+/// What an idempotency key points at: the entry and the digest of its content, to tell a
+/// retry (same content) from a conflict (same key, different content).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub index: u64,
+    pub content_digest: [u8; 32],
+}
+
+impl IdempotencyRecord {
+    pub const ENCODED_LEN: usize = 40;
+
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0u8; Self::ENCODED_LEN];
+        out[..8].copy_from_slice(&self.index.to_be_bytes());
+        out[8..].copy_from_slice(&self.content_digest);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::ENCODED_LEN {
+            return None;
+        }
+        Some(IdempotencyRecord {
+            index: u64::from_be_bytes(bytes[..8].try_into().ok()?),
+            content_digest: bytes[8..].try_into().ok()?,
+        })
+    }
+}
+
+/// A storage failure. The message is for operators; clients see a generic status.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The underlying store failed (I/O, disk full, lock held by another process, ...).
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A stored value does not have the shape this code writes: the store was altered.
+    #[error("stored value is malformed: {0}")]
+    Malformed(String),
+}
+
+/// Stored checkpoints as `(tree size, signed note)`, oldest first.
+pub type Checkpoints<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StorageError>> + 'a>;
+
+/// The ledger's storage.
+///
+/// Writes happen only through [`Store::commit`], called by the single writer; reads may
+/// come from any thread at any time, and only ever ask for entries the writer has already
+/// published, so they never see a half-written state.
+pub trait Store: Send + Sync + 'static {
+    /// Applies the batch atomically and durably: when this returns `Ok`, all of it survives
+    /// a crash; when the process dies before, none of it or all of it is there.
+    fn commit(&self, batch: CommitBatch) -> Result<(), StorageError>;
+
+    /// The leaf bytes of entry `index`.
+    fn leaf(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// The body of entry `index`.
+    fn body(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// The tree nodes written with entry `index` (see [`NewEntry::nodes`]).
+    fn leaf_nodes(&self, index: u64) -> Result<Option<Vec<Hash>>, StorageError>;
+
+    /// The highest index with a stored leaf.
+    fn last_leaf_index(&self) -> Result<Option<u64>, StorageError>;
+
+    fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError>;
+
+    /// The most recent signed checkpoint: `(tree size, note)`.
+    fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
+
+    /// Every signed checkpoint ever committed, oldest first.
+    fn checkpoints(&self) -> Checkpoints<'_>;
+}
