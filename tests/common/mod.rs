@@ -1,0 +1,162 @@
+//! Helpers shared by the integration tests: a real server on an ephemeral loopback port
+//! (in-process, or as a child process), a client, and sample communications.
+#![allow(dead_code)]
+
+pub mod rfc9162;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use audit_ledger::config::ServerConfig;
+use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
+use audit_ledger::proto::{Communication, Topic};
+use audit_ledger::server::Server;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub type Client = LedgerServiceClient<Channel>;
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub address: String,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &Path) -> TestServer {
+        Self::start_with(ServerConfig::new(data_dir, "127.0.0.1:0".parse().unwrap())).await
+    }
+
+    pub async fn start_with(config: ServerConfig) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let data_dir = config.data_dir.clone();
+        let server = Server::open(config).expect("server opens");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server runs");
+        });
+        TestServer {
+            address,
+            data_dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.address).await
+    }
+
+    /// Graceful stop: in-flight calls finish, the writer drains, the store closes.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+pub async fn connect(address: &str) -> Client {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("client connects");
+    LedgerServiceClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024)
+}
+
+/// The `audit-ledger` binary built for this test run.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_audit-ledger")
+}
+
+/// A server running as a child process, so it can be killed with SIGKILL.
+pub struct ChildServer {
+    pub child: Child,
+    pub address: String,
+}
+
+impl ChildServer {
+    pub fn start(data_dir: &Path) -> ChildServer {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("server binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut first_line = String::new();
+        BufReader::new(stdout).read_line(&mut first_line).unwrap();
+        let address = first_line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
+            .to_owned();
+        ChildServer { child, address }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not stop on SIGTERM");
+    }
+}
+
+/// A realistic communication, unique by `n`.
+pub fn communication(sender: &str, n: u64) -> Communication {
+    Communication {
+        message_id: format!("msg-{n:08}"),
+        sender_id: sender.to_owned(),
+        customer_id: format!("customer-{}", n % 17),
+        topic: [
+            Topic::Commercial,
+            Topic::Support,
+            Topic::Operational,
+            Topic::General,
+        ][(n % 4) as usize] as i32,
+        channel: "email".into(),
+        sent_at: Some(prost_types::Timestamp {
+            seconds: 1_760_000_000 + n as i64,
+            nanos: 0,
+        }),
+        subject: format!("Your subscription renewal #{n}"),
+        body: format!("Dear customer, this is message {n} about your subscription.").into_bytes(),
+        attributes: [("campaign".to_string(), "renewals-2026".to_string())]
+            .into_iter()
+            .collect(),
+        subscription_id: format!("sub-{}", n % 5),
+        product_id: String::new(),
+    }
+}
+
+pub fn hash32(bytes: &[u8]) -> rfc9162::Hash {
+    bytes.try_into().expect("32-byte hash")
+}
