@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_group_records: usize,
     /// sled page cache, in bytes.
     pub cache_bytes: u64,
+    /// How long a shutdown waits for in-flight calls before closing connections.
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// Origin used when neither `--origin` nor an existing key names the log.
@@ -73,6 +75,7 @@ impl ServerConfig {
             max_list_entries: 10_000,
             max_group_records: 8192,
             cache_bytes: 256 * 1024 * 1024,
+            shutdown_grace: std::time::Duration::from_secs(10),
         }
     }
 }

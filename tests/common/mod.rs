@@ -120,7 +120,8 @@ impl ChildServer {
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        for _ in 0..100 {
+        // Up to 30 s: the server's shutdown grace for open connections is 10 s.
+        for _ in 0..600 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
