@@ -16,6 +16,7 @@ pub mod config;
 pub mod grpc;
 pub mod keys;
 pub mod ledger;
+pub mod policy;
 pub mod records;
 pub mod server;
 pub mod storage;

@@ -1,0 +1,626 @@
+//! Every row of the DOMAIN.md table, the order rows are tried in, and the edge cases.
+
+use super::facts::Fact;
+use super::*;
+
+const DAY: i64 = 86_400;
+
+/// A fact base built day by day; each fact gets the next ledger index.
+#[derive(Default)]
+struct World {
+    facts: Vec<RecordedFact>,
+}
+
+impl World {
+    /// Standard cast: vendor `msft`, direct-bill partner `contoso`, provider `tdsynnex`,
+    /// resellers `fabrikam` and `litware`, partner `adatum` with no customer.
+    fn new() -> World {
+        let mut world = World::default();
+        world.party("msft", PartyKind::Vendor);
+        world.party("contoso", PartyKind::DirectBillPartner);
+        world.party("tdsynnex", PartyKind::IndirectProvider);
+        world.party("fabrikam", PartyKind::IndirectReseller);
+        world.party("litware", PartyKind::IndirectReseller);
+        world.party("adatum", PartyKind::DirectBillPartner);
+        world
+    }
+
+    fn record(&mut self, day: i64, fact: Fact) -> u64 {
+        let index = self.facts.len() as u64;
+        self.facts.push(RecordedFact {
+            index,
+            effective_at: Timestamp {
+                seconds: day * DAY,
+                nanos: 0,
+            },
+            fact,
+        });
+        index
+    }
+
+    fn party(&mut self, id: &str, kind: PartyKind) -> u64 {
+        self.record(
+            0,
+            Fact::Party {
+                party_id: id.into(),
+                kind,
+            },
+        )
+    }
+
+    fn reseller(&mut self, day: i64, customer: &str, partner: &str, active: bool) -> u64 {
+        self.record(
+            day,
+            Fact::ResellerRelationship {
+                customer_id: customer.into(),
+                partner_id: partner.into(),
+                active,
+            },
+        )
+    }
+
+    fn subscription(
+        &mut self,
+        day: i64,
+        id: &str,
+        customer: &str,
+        biller: &str,
+        support: &str,
+        provider: &str,
+    ) -> u64 {
+        self.record(
+            day,
+            Fact::Subscription {
+                subscription_id: id.into(),
+                customer_id: customer.into(),
+                biller_id: biller.into(),
+                support_contact_id: support.into(),
+                provider_id: provider.into(),
+                active: true,
+            },
+        )
+    }
+
+    fn transfer(
+        &mut self,
+        day: i64,
+        subscription: &str,
+        from: &str,
+        to: &str,
+        state: TransferState,
+    ) -> u64 {
+        self.record(
+            day,
+            Fact::Transfer {
+                subscription_id: subscription.into(),
+                from_partner_id: from.into(),
+                to_partner_id: to.into(),
+                state,
+            },
+        )
+    }
+
+    fn agreement(&mut self, day: i64, customer: &str, product: &str, active: bool) -> u64 {
+        self.record(
+            day,
+            Fact::DirectAgreement {
+                customer_id: customer.into(),
+                product_id: product.into(),
+                active,
+            },
+        )
+    }
+
+    fn ask(
+        &self,
+        sender: &str,
+        customer: &str,
+        topic: Topic,
+        subscription: &str,
+        product: &str,
+        day: i64,
+    ) -> Assessment {
+        assess(
+            &Question {
+                sender_id: sender.into(),
+                customer_id: customer.into(),
+                topic,
+                subscription_id: subscription.into(),
+                product_id: product.into(),
+                at: Timestamp {
+                    seconds: day * DAY + 1,
+                    nanos: 0,
+                },
+            },
+            &self.facts,
+        )
+    }
+}
+
+/// Contoso bills `sub-1` of customer `c1` directly since day 1.
+fn direct_bill_world() -> World {
+    let mut world = World::new();
+    world.reseller(1, "c1", "contoso", true);
+    world.subscription(1, "sub-1", "c1", "contoso", "", "");
+    world
+}
+
+#[track_caller]
+fn expect(assessment: &Assessment, rule: Rule, verdict: Verdict) {
+    assert_eq!(
+        (assessment.rule, assessment.verdict),
+        (rule, verdict),
+        "{}: {}",
+        assessment.rule.name(),
+        assessment.explanation
+    );
+}
+
+#[test]
+fn the_table_has_seventeen_named_rows_in_domain_order() {
+    let names: Vec<&str> = RULES.iter().map(|(_, name, _)| *name).collect();
+    assert_eq!(
+        names,
+        [
+            "UNKNOWN-SENDER",
+            "OPS",
+            "VENDOR-CSP",
+            "VENDOR-DIRECT",
+            "VENDOR-NO-DIRECT",
+            "VENDOR-DIRECT-CUSTOMER",
+            "VENDOR-GENERAL",
+            "VENDOR-NOT-CSP",
+            "BILLER",
+            "SUPPORT-CONTACT",
+            "TRANSFER-PENDING",
+            "TRANSITION",
+            "FORMER-PARTNER",
+            "NOT-BILLER",
+            "MULTI-PARTNER",
+            "PARTNER-OF-RECORD",
+            "NOT-A-PARTNER",
+        ]
+    );
+    for (rule, name, verdict) in RULES {
+        assert_eq!(Rule::from_name(name), Some(rule));
+        assert_eq!(rule.verdict(), verdict);
+    }
+}
+
+#[test]
+fn row_1_unknown_sender() {
+    let world = direct_bill_world();
+    let answer = world.ask("spoofer", "c1", Topic::Operational, "", "", 5);
+    expect(&answer, Rule::UnknownSender, Verdict::Violation);
+    assert!(answer.evidence.is_empty());
+    // A party registered only later is unknown before it.
+    let mut world = direct_bill_world();
+    world.record(
+        10,
+        Fact::Party {
+            party_id: "late".into(),
+            kind: PartyKind::DirectBillPartner,
+        },
+    );
+    expect(
+        &world.ask("late", "c1", Topic::General, "", "", 5),
+        Rule::UnknownSender,
+        Verdict::Violation,
+    );
+}
+
+#[test]
+fn row_2_ops_for_the_vendor_and_partners_of_record() {
+    let world = direct_bill_world();
+    let vendor = world.ask("msft", "c1", Topic::Operational, "sub-1", "", 5);
+    expect(&vendor, Rule::Ops, Verdict::Allowed);
+    assert_eq!(vendor.evidence, vec![0], "the vendor's party fact");
+    let partner = world.ask("contoso", "c1", Topic::Operational, "", "", 5);
+    expect(&partner, Rule::Ops, Verdict::Allowed);
+    assert_eq!(partner.evidence, vec![1, 6]);
+    // Operational news from a partner with no relationship is not OPS.
+    expect(
+        &world.ask("adatum", "c1", Topic::Operational, "", "", 5),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+}
+
+#[test]
+fn row_3_vendor_csp_even_with_a_direct_agreement() {
+    let mut world = direct_bill_world();
+    world.agreement(1, "c1", "", true);
+    for topic in [Topic::Commercial, Topic::Support] {
+        let answer = world.ask("msft", "c1", topic, "sub-1", "", 5);
+        expect(&answer, Rule::VendorCsp, Verdict::Violation);
+        assert_eq!(
+            answer.evidence,
+            vec![0, 7],
+            "vendor party and the subscription"
+        );
+    }
+}
+
+#[test]
+fn rows_4_and_5_vendor_about_a_non_csp_product() {
+    let mut world = direct_bill_world();
+    let agreement = world.agreement(3, "c1", "azure-ea", true);
+    let with = world.ask("msft", "c1", Topic::Commercial, "", "azure-ea", 5);
+    expect(&with, Rule::VendorDirect, Verdict::Allowed);
+    assert_eq!(with.evidence, vec![0, agreement]);
+    // Another product is not covered; before the agreement nothing is.
+    expect(
+        &world.ask("msft", "c1", Topic::Commercial, "", "dynamics", 5),
+        Rule::VendorNoDirect,
+        Verdict::Review,
+    );
+    expect(
+        &world.ask("msft", "c1", Topic::Support, "", "azure-ea", 2),
+        Rule::VendorNoDirect,
+        Verdict::Review,
+    );
+    // An agreement covering every non-CSP product covers this one; an ended one does not.
+    world.agreement(4, "c1", "", true);
+    expect(
+        &world.ask("msft", "c1", Topic::General, "", "dynamics", 5),
+        Rule::VendorDirect,
+        Verdict::Allowed,
+    );
+    world.agreement(6, "c1", "", false);
+    world.agreement(6, "c1", "azure-ea", false);
+    expect(
+        &world.ask("msft", "c1", Topic::General, "", "azure-ea", 7),
+        Rule::VendorNoDirect,
+        Verdict::Review,
+    );
+}
+
+#[test]
+fn rows_6_7_8_vendor_not_about_a_subscription_or_product() {
+    let mut world = World::new();
+    let agreement = world.agreement(1, "direct-only", "", true);
+    let answer = world.ask("msft", "direct-only", Topic::General, "", "", 5);
+    expect(&answer, Rule::VendorDirectCustomer, Verdict::Allowed);
+    assert_eq!(answer.evidence, vec![0, agreement]);
+
+    // A customer with a partner of record, even with a direct agreement.
+    let mut world = direct_bill_world();
+    world.agreement(1, "c1", "", true);
+    let answer = world.ask("msft", "c1", Topic::General, "", "", 5);
+    expect(&answer, Rule::VendorGeneral, Verdict::Violation);
+    assert!(
+        answer.evidence.contains(&6),
+        "rests on contoso's relationship"
+    );
+    expect(
+        &world.ask("msft", "c1", Topic::Transition, "", "", 5),
+        Rule::VendorGeneral,
+        Verdict::Violation,
+    );
+
+    // Neither a partner nor an agreement: the rules do not decide.
+    let world = World::new();
+    expect(
+        &world.ask("msft", "stranger", Topic::General, "", "", 5),
+        Rule::VendorNotCsp,
+        Verdict::Review,
+    );
+}
+
+#[test]
+fn rows_9_and_10_biller_and_support_contact() {
+    let mut world = World::new();
+    world.reseller(1, "c2", "fabrikam", true);
+    world.reseller(1, "c2", "tdsynnex", true);
+    let subscription = world.subscription(1, "sub-2", "c2", "fabrikam", "tdsynnex", "tdsynnex");
+    let answer = world.ask("fabrikam", "c2", Topic::Commercial, "sub-2", "", 5);
+    expect(&answer, Rule::Biller, Verdict::Allowed);
+    assert!(answer.evidence.contains(&subscription));
+    expect(
+        &world.ask("fabrikam", "c2", Topic::General, "sub-2", "", 5),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    let support = world.ask("tdsynnex", "c2", Topic::Support, "sub-2", "", 5);
+    expect(&support, Rule::SupportContact, Verdict::Allowed);
+    assert!(support.evidence.contains(&subscription));
+}
+
+#[test]
+fn two_tier_reseller_bills_and_provider_does_not() {
+    let mut world = World::new();
+    world.reseller(1, "c3", "fabrikam", true);
+    world.reseller(1, "c3", "tdsynnex", true);
+    world.subscription(1, "sub-3", "c3", "fabrikam", "", "tdsynnex");
+    expect(
+        &world.ask("fabrikam", "c3", Topic::Commercial, "sub-3", "", 5),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("tdsynnex", "c3", Topic::Commercial, "sub-3", "", 5),
+        Rule::NotBiller,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("tdsynnex", "c3", Topic::Support, "sub-3", "", 5),
+        Rule::MultiPartner,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("tdsynnex", "c3", Topic::General, "", "", 5),
+        Rule::PartnerOfRecord,
+        Verdict::Allowed,
+    );
+
+    // And the reverse: the provider bills, the reseller does not.
+    let mut world = World::new();
+    world.reseller(1, "c4", "fabrikam", true);
+    world.reseller(1, "c4", "tdsynnex", true);
+    world.subscription(1, "sub-4", "c4", "tdsynnex", "", "tdsynnex");
+    expect(
+        &world.ask("tdsynnex", "c4", Topic::Commercial, "sub-4", "", 5),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("fabrikam", "c4", Topic::Commercial, "sub-4", "", 5),
+        Rule::NotBiller,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("fabrikam", "c4", Topic::Operational, "sub-4", "", 5),
+        Rule::Ops,
+        Verdict::Allowed,
+    );
+}
+
+#[test]
+fn transfer_moves_legitimacy_at_completion_not_before() {
+    let mut world = direct_bill_world();
+    world.reseller(2, "c1", "litware", true);
+    let started = world.transfer(3, "sub-1", "contoso", "litware", TransferState::Started);
+    let completed = world.transfer(6, "sub-1", "contoso", "litware", TransferState::Completed);
+    world.reseller(8, "c1", "contoso", false);
+
+    // Before completion: the source partner still bills; the prospective one may only talk transition.
+    expect(
+        &world.ask("contoso", "c1", Topic::Commercial, "sub-1", "", 4),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    let pending = world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 4);
+    expect(&pending, Rule::TransferPending, Verdict::Violation);
+    assert!(pending.evidence.contains(&started));
+    expect(
+        &world.ask("litware", "c1", Topic::Support, "sub-1", "", 4),
+        Rule::TransferPending,
+        Verdict::Violation,
+    );
+    let transition = world.ask("litware", "c1", Topic::Transition, "sub-1", "", 4);
+    expect(&transition, Rule::Transition, Verdict::Allowed);
+    expect(
+        &world.ask("litware", "c1", Topic::Transition, "", "", 4),
+        Rule::Transition,
+        Verdict::Allowed,
+    );
+
+    // After completion: the other way round.
+    let new_biller = world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 7);
+    expect(&new_biller, Rule::Biller, Verdict::Allowed);
+    assert!(new_biller.evidence.contains(&completed));
+    expect(
+        &world.ask("litware", "c1", Topic::Support, "sub-1", "", 7),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    let former = world.ask("contoso", "c1", Topic::Commercial, "sub-1", "", 7);
+    expect(&former, Rule::FormerPartner, Verdict::Violation);
+    assert!(former.evidence.contains(&completed));
+    // Contoso is still a partner of record (until day 8) for things not about sub-1.
+    expect(
+        &world.ask("contoso", "c1", Topic::General, "", "", 7),
+        Rule::PartnerOfRecord,
+        Verdict::Allowed,
+    );
+    // After its relationship ended, anything from contoso is a violation.
+    expect(
+        &world.ask("contoso", "c1", Topic::Operational, "", "", 9),
+        Rule::FormerPartner,
+        Verdict::Violation,
+    );
+}
+
+#[test]
+fn a_cancelled_transfer_changes_nothing() {
+    let mut world = direct_bill_world();
+    world.transfer(3, "sub-1", "contoso", "litware", TransferState::Started);
+    world.transfer(5, "sub-1", "contoso", "litware", TransferState::Cancelled);
+    expect(
+        &world.ask("contoso", "c1", Topic::Commercial, "sub-1", "", 6),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("litware", "c1", Topic::Transition, "sub-1", "", 6),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 6),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+    // While it was pending, transition talk was fine.
+    expect(
+        &world.ask("litware", "c1", Topic::Transition, "sub-1", "", 4),
+        Rule::Transition,
+        Verdict::Allowed,
+    );
+}
+
+#[test]
+fn row_13_former_partner_after_the_relationship_ended() {
+    let mut world = direct_bill_world();
+    let ended = world.reseller(4, "c1", "contoso", false);
+    let answer = world.ask("contoso", "c1", Topic::General, "", "", 5);
+    expect(&answer, Rule::FormerPartner, Verdict::Violation);
+    assert_eq!(answer.evidence, vec![1, ended]);
+    // Before it ended, the same message was fine.
+    expect(
+        &world.ask("contoso", "c1", Topic::General, "", "", 3),
+        Rule::PartnerOfRecord,
+        Verdict::Allowed,
+    );
+    // A relationship that starts again is in force again.
+    world.reseller(6, "c1", "contoso", true);
+    expect(
+        &world.ask("contoso", "c1", Topic::General, "", "", 7),
+        Rule::PartnerOfRecord,
+        Verdict::Allowed,
+    );
+}
+
+#[test]
+fn rows_14_15_16_partners_of_record_that_do_not_bill() {
+    let mut world = direct_bill_world();
+    world.reseller(1, "c1", "litware", true);
+    expect(
+        &world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 5),
+        Rule::NotBiller,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("litware", "c1", Topic::Support, "sub-1", "", 5),
+        Rule::MultiPartner,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("litware", "c1", Topic::General, "sub-1", "", 5),
+        Rule::MultiPartner,
+        Verdict::Allowed,
+    );
+    let general = world.ask("litware", "c1", Topic::General, "", "", 5);
+    expect(&general, Rule::PartnerOfRecord, Verdict::Allowed);
+    assert_eq!(general.evidence, vec![4, 8]);
+}
+
+#[test]
+fn row_17_a_partner_with_no_relationship() {
+    let world = direct_bill_world();
+    for topic in [
+        Topic::Commercial,
+        Topic::Support,
+        Topic::Operational,
+        Topic::Transition,
+        Topic::General,
+    ] {
+        expect(
+            &world.ask("adatum", "c1", topic, "", "", 5),
+            Rule::NotAPartner,
+            Verdict::Violation,
+        );
+    }
+    // Before its relationship begins, contoso too has none.
+    expect(
+        &world.ask("contoso", "c1", Topic::General, "", "", 0),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+}
+
+#[test]
+fn a_customer_with_a_csp_subscription_and_a_direct_agreement() {
+    let mut world = direct_bill_world();
+    world.agreement(1, "c1", "office-ea", true);
+    expect(
+        &world.ask("msft", "c1", Topic::Commercial, "sub-1", "", 5),
+        Rule::VendorCsp,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("msft", "c1", Topic::Commercial, "", "office-ea", 5),
+        Rule::VendorDirect,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("msft", "c1", Topic::General, "", "", 5),
+        Rule::VendorGeneral,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("msft", "c1", Topic::Operational, "", "", 5),
+        Rule::Ops,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("contoso", "c1", Topic::Commercial, "sub-1", "", 5),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+}
+
+#[test]
+fn rows_are_tried_in_order() {
+    // OPS (row 2) wins over VENDOR-CSP (row 3) for the vendor's operational notice about S.
+    let world = direct_bill_world();
+    expect(
+        &world.ask("msft", "c1", Topic::Operational, "sub-1", "", 5),
+        Rule::Ops,
+        Verdict::Allowed,
+    );
+    // BILLER (9) wins over SUPPORT-CONTACT (10) when the biller is also the support contact.
+    expect(
+        &world.ask("contoso", "c1", Topic::Support, "sub-1", "", 5),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    // TRANSFER-PENDING (11) wins over NOT-BILLER (14) for a prospective partner already of record.
+    let mut world = direct_bill_world();
+    world.reseller(1, "c1", "litware", true);
+    world.transfer(3, "sub-1", "contoso", "litware", TransferState::Started);
+    expect(
+        &world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 4),
+        Rule::TransferPending,
+        Verdict::Violation,
+    );
+    // FORMER-PARTNER (13) wins over MULTI-PARTNER (15) for a partner still of record whose S moved.
+    world.transfer(5, "sub-1", "contoso", "litware", TransferState::Completed);
+    expect(
+        &world.ask("contoso", "c1", Topic::Support, "sub-1", "", 6),
+        Rule::FormerPartner,
+        Verdict::Violation,
+    );
+}
+
+#[test]
+fn a_later_subscription_fact_replaces_the_earlier_one_from_its_effective_time() {
+    let mut world = direct_bill_world();
+    world.reseller(1, "c1", "litware", true);
+    world.record(
+        10,
+        Fact::Subscription {
+            subscription_id: "sub-1".into(),
+            customer_id: "c1".into(),
+            biller_id: "litware".into(),
+            support_contact_id: String::new(),
+            provider_id: String::new(),
+            active: true,
+        },
+    );
+    expect(
+        &world.ask("contoso", "c1", Topic::Commercial, "sub-1", "", 9),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+    expect(
+        &world.ask("contoso", "c1", Topic::Commercial, "sub-1", "", 11),
+        Rule::FormerPartner,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 11),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+}
