@@ -157,8 +157,17 @@ async fn binary_prints_its_address_first_and_stops_cleanly_on_sigterm() {
     let key = String::from_utf8(output.stdout).unwrap();
     assert!(key.starts_with("localhost/audit-ledger+"), "{key}");
     // verify refuses a ledger in use instead of reading it half-way.
-    let (ok, _) = run_verify(dir.path());
-    assert!(!ok, "verify must not run against a live store");
+    let output = Command::new(common::binary())
+        .args(["verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "verify must not run against a live store"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is the server running?"), "{stderr}");
 
     // The client stays connected: shutdown must not wait for it forever.
     let status = tokio::task::spawn_blocking(move || server.terminate())

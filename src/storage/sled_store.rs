@@ -72,7 +72,11 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(|error| match error {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled reports its exclusive file lock as an I/O error with this text.
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     StorageError::Backend(format!(
                         "{} is in use by another process (is the server running?)",
                         dir.display()
