@@ -21,7 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("audit_ledger_descriptor.bin"))
         .compile_with_config(
             config,
-            &[PathBuf::from("proto/audit/ledger/v1/ledger.proto")],
+            &[
+                PathBuf::from("proto/audit/ledger/v1/ledger.proto"),
+                PathBuf::from("proto/audit/ledger/v1/compliance.proto"),
+            ],
             &[PathBuf::from("proto"), well_known],
         )?;
     println!("cargo:rerun-if-changed=proto");

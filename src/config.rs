@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_group_records: usize,
     /// sled page cache, in bytes.
     pub cache_bytes: u64,
+    /// Page sizes and scan budgets of the compliance listings.
+    pub query_limits: crate::compliance::QueryLimits,
     /// How long a shutdown waits for in-flight calls before closing connections.
     pub shutdown_grace: std::time::Duration,
 }
@@ -76,6 +78,7 @@ impl ServerConfig {
             max_group_records: 8192,
             cache_bytes: 256 * 1024 * 1024,
             shutdown_grace: std::time::Duration::from_secs(10),
+            query_limits: crate::compliance::QueryLimits::default(),
         }
     }
 }

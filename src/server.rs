@@ -7,12 +7,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::compliance::Compliance;
+use crate::compliance::index::ComplianceIndexer;
 use crate::config::{DEFAULT_ORIGIN, ServerConfig};
-use crate::grpc::LedgerApi;
+use crate::grpc::{ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions};
+use crate::proto::compliance_service_server::ComplianceServiceServer;
 use crate::proto::ledger_service_server::LedgerServiceServer;
-use crate::storage::{SledStore, StorageError};
+use crate::storage::{IndexStore, SledStore, StorageError};
 
 /// Directory of the sled store inside the data dir.
 pub const STORE_DIR_NAME: &str = "store";
@@ -32,6 +35,7 @@ pub enum ServerError {
 /// An opened ledger, ready to serve.
 pub struct Server {
     ledger: Ledger,
+    compliance: Compliance,
     config: ServerConfig,
 }
 
@@ -48,6 +52,8 @@ impl Server {
             config.signing_key.is_none(),
         )?;
         let store = SledStore::open(&config.data_dir.join(STORE_DIR_NAME), config.cache_bytes)?;
+        let index: Arc<dyn IndexStore> = Arc::new(store.index()?);
+        let token_secret = signer.secret_bytes();
         let ledger = Ledger::open(
             Arc::new(store),
             signer,
@@ -55,18 +61,33 @@ impl Server {
                 max_group_records: config.max_group_records,
                 ..LedgerOptions::default()
             },
+            Some(Box::new(ComplianceIndexer::new(index.clone()))),
         )?;
+        let compliance = Compliance::new(
+            ledger.clone(),
+            index,
+            &token_secret,
+            config.query_limits.clone(),
+        );
         tracing::info!(
             origin = %ledger.checkpoint().origin,
             tree_size = ledger.tree_size(),
             data_dir = %config.data_dir.display(),
             "ledger open"
         );
-        Ok(Server { ledger, config })
+        Ok(Server {
+            ledger,
+            compliance,
+            config,
+        })
     }
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    pub fn compliance(&self) -> &Compliance {
+        &self.compliance
     }
 
     /// Serves on `listener` until `shutdown` completes, then lets in-flight calls finish
@@ -77,16 +98,27 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
-        let service =
-            LedgerServiceServer::new(LedgerApi::new(self.ledger.clone(), self.config.clone()))
-                .max_decoding_message_size(self.config.max_message_bytes)
-                .max_encoding_message_size(self.config.max_message_bytes);
+        let ledger_service = LedgerServiceServer::new(LedgerApi::new(
+            self.ledger.clone(),
+            self.compliance.clone(),
+            self.config.clone(),
+        ))
+        .max_decoding_message_size(self.config.max_message_bytes)
+        .max_encoding_message_size(self.config.max_message_bytes);
+        let compliance_service = ComplianceServiceServer::new(ComplianceApi::new(
+            self.ledger.clone(),
+            self.compliance.clone(),
+            self.config.clone(),
+        ))
+        .max_decoding_message_size(self.config.max_message_bytes)
+        .max_encoding_message_size(self.config.max_message_bytes);
         // Responses go out as several small HTTP/2 frames: without TCP_NODELAY, Nagle's
         // algorithm and the peer's delayed ACK add ~40 ms to a call.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = Arc::new(tokio::sync::Notify::new());
         let serving = tonic::transport::Server::builder()
-            .add_service(service)
+            .add_service(ledger_service)
+            .add_service(compliance_service)
             .serve_with_incoming_shutdown(incoming, {
                 let stop = stop.clone();
                 async move { stop.notified().await }

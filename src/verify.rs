@@ -204,5 +204,14 @@ fn check_record(store: &dyn Store, index: u64, leaf: &[u8]) -> Result<(), Verify
                 )),
             }
         }
+        leaf_record::Record::Fact(fact) => {
+            match store.idempotency_record(&crate::records::fact::idempotency_key(&fact.fact_id))? {
+                Some(claim) if claim.index == index => Ok(()),
+                _ => Err(entry_error(
+                    index,
+                    "the fact_id index does not point at this entry",
+                )),
+            }
+        }
     }
 }

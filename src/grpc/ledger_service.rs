@@ -2,20 +2,22 @@
 
 use std::pin::Pin;
 
-use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::convert::{assessment_message, entry_message};
 use super::status::to_status;
+use crate::compliance::Compliance;
 use crate::config::ServerConfig;
-use crate::ledger::{Appended, Ledger, LedgerError, SignedCheckpoint, StoredEntry};
+use crate::ledger::{Appended, Ledger, LedgerError, SignedCheckpoint};
 use crate::proto::ledger_service_server::LedgerService;
 use crate::proto::{
     AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse, AppendResult,
-    Checkpoint, Entry, GetCheckpointRequest, GetCheckpointResponse, GetConsistencyProofRequest,
+    Checkpoint, GetCheckpointRequest, GetCheckpointResponse, GetConsistencyProofRequest,
     GetConsistencyProofResponse, GetEntryRequest, GetEntryResponse, GetInclusionProofRequest,
-    GetInclusionProofResponse, LeafRecord, ListEntriesRequest, ListEntriesResponse,
+    GetInclusionProofResponse, ListEntriesRequest, ListEntriesResponse,
 };
+use crate::records::communication::question_of;
 use crate::records::prepare_communication;
 
 /// Entries a `ListEntries` stream reads ahead of a slow client.
@@ -24,25 +26,30 @@ const LIST_BUFFER: usize = 64;
 #[derive(Clone)]
 pub struct LedgerApi {
     ledger: Ledger,
+    compliance: Compliance,
     config: ServerConfig,
 }
 
 impl LedgerApi {
-    pub fn new(ledger: Ledger, config: ServerConfig) -> Self {
-        LedgerApi { ledger, config }
+    pub fn new(ledger: Ledger, compliance: Compliance, config: ServerConfig) -> Self {
+        LedgerApi {
+            ledger,
+            compliance,
+            config,
+        }
     }
-}
 
-fn entry_message(entry: StoredEntry) -> Entry {
-    // Stored leaves were encoded by this server; one that no longer decodes is reported
-    // as-is (leaf bytes intact) with no decoded record, rather than hidden.
-    let record = LeafRecord::decode(entry.leaf.as_slice()).ok();
-    Entry {
-        index: entry.index,
-        leaf: entry.leaf,
-        leaf_hash: entry.leaf_hash.0.to_vec(),
-        body: entry.body,
-        record,
+    /// The verdict at ingestion: the communication judged at its sent_at on the facts the
+    /// ledger holds once it is recorded.
+    fn assess(
+        &self,
+        question: Option<crate::policy::Question>,
+    ) -> Result<Option<crate::proto::Assessment>, Status> {
+        let Some(question) = question else {
+            return Ok(None);
+        };
+        let (assessment, tree_size) = self.compliance.check(&question, 0).map_err(to_status)?;
+        Ok(Some(assessment_message(assessment, tree_size)))
     }
 }
 
@@ -59,11 +66,12 @@ fn hashes(proof: Vec<crate::ledger::merkle::Hash>) -> Vec<Vec<u8>> {
     proof.into_iter().map(|hash| hash.0.to_vec()).collect()
 }
 
-fn append_result(appended: Appended) -> AppendResult {
+fn append_result(appended: Appended, assessment: Option<crate::proto::Assessment>) -> AppendResult {
     AppendResult {
         index: appended.index,
         leaf_hash: appended.leaf_hash.0.to_vec(),
         duplicate: appended.duplicate,
+        assessment,
     }
 }
 
@@ -77,6 +85,7 @@ impl LedgerService for LedgerApi {
             .into_inner()
             .communication
             .ok_or_else(|| Status::invalid_argument("communication: must be set"))?;
+        let question = question_of(&communication);
         let record =
             prepare_communication(communication, "communication", &self.config.record_limits)
                 .map_err(to_status)?;
@@ -89,6 +98,7 @@ impl LedgerService for LedgerApi {
             index: appended.index,
             leaf_hash: appended.leaf_hash.0.to_vec(),
             duplicate: appended.duplicate,
+            assessment: self.assess(question)?,
         }))
     }
 
@@ -109,6 +119,7 @@ impl LedgerService for LedgerApi {
                 self.config.max_batch_records
             )));
         }
+        let questions: Vec<_> = communications.iter().map(question_of).collect();
         let records = communications
             .into_iter()
             .enumerate()
@@ -122,9 +133,12 @@ impl LedgerService for LedgerApi {
             .collect::<Result<Vec<_>, LedgerError>>()
             .map_err(to_status)?;
         let appended = self.ledger.append(records).await.map_err(to_status)?;
-        Ok(Response::new(AppendBatchResponse {
-            results: appended.into_iter().map(append_result).collect(),
-        }))
+        let results = appended
+            .into_iter()
+            .zip(questions)
+            .map(|(appended, question)| Ok(append_result(appended, self.assess(question)?)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok(Response::new(AppendBatchResponse { results }))
     }
 
     async fn get_entry(

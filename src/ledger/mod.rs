@@ -18,7 +18,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::storage::Store;
+use crate::storage::{StorageError, Store};
 pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
 pub use error::LedgerError;
 use merkle::{Hash, NodeError, NodeSource};
@@ -72,6 +72,19 @@ impl Default for LedgerOptions {
     }
 }
 
+/// Derived data kept in step with the ledger (query indexes). The writer calls it after each
+/// durable commit and before publishing the new entries; `Ledger::open` first brings it up
+/// to the stored size, so it never misses an entry, even after a crash.
+pub trait Indexer: Send + 'static {
+    /// Entries below this size are indexed.
+    fn indexed_size(&self) -> Result<u64, StorageError>;
+    /// Indexes consecutive entries `(index, leaf)`, the first at `indexed_size()`.
+    fn index(&mut self, entries: &[(u64, &[u8])]) -> Result<(), StorageError>;
+}
+
+/// Entries read per step when an indexer catches up at start-up.
+const CATCH_UP_CHUNK: u64 = 1024;
+
 /// What readers see: the latest checkpoint the writer made durable.
 struct Published {
     checkpoint: ArcSwap<SignedCheckpoint>,
@@ -93,8 +106,12 @@ impl Ledger {
         store: Arc<dyn Store>,
         signer: CheckpointSigner,
         options: LedgerOptions,
+        mut indexer: Option<Box<dyn Indexer>>,
     ) -> Result<Ledger, LedgerError> {
         let state = writer::recover(store.as_ref(), &signer)?;
+        if let Some(indexer) = indexer.as_mut() {
+            catch_up(store.as_ref(), indexer.as_mut(), state.checkpoint.size)?;
+        }
         let published = Arc::new(Published {
             checkpoint: ArcSwap::from_pointee(state.checkpoint.clone()),
         });
@@ -106,6 +123,7 @@ impl Ledger {
             published.clone(),
             queue,
             options,
+            indexer,
         )?;
         Ok(Ledger {
             store,
@@ -227,6 +245,37 @@ impl Ledger {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
     }
+}
+
+/// Indexes the entries an indexer has not seen (after a crash, at most the last group; after
+/// `clear`, all of them).
+fn catch_up(store: &dyn Store, indexer: &mut dyn Indexer, size: u64) -> Result<(), LedgerError> {
+    let mut next = indexer.indexed_size()?;
+    if next > size {
+        return Err(LedgerError::Integrity(format!(
+            "the indexes cover {next} entries but the ledger has {size}; run reindex"
+        )));
+    }
+    if next < size {
+        tracing::info!(from = next, to = size, "bringing indexes up to date");
+    }
+    while next < size {
+        let end = (next + CATCH_UP_CHUNK).min(size);
+        let leaves = (next..end)
+            .map(|index| {
+                store.leaf(index)?.map(|leaf| (index, leaf)).ok_or_else(|| {
+                    LedgerError::Integrity(format!("entry {index}: leaf is missing"))
+                })
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        let entries: Vec<(u64, &[u8])> = leaves
+            .iter()
+            .map(|(index, leaf)| (*index, leaf.as_slice()))
+            .collect();
+        indexer.index(&entries)?;
+        next = end;
+    }
+    Ok(())
 }
 
 /// Reads entry `index` from the store, whatever the published size (for recovery and verify).

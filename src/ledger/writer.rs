@@ -18,7 +18,7 @@ use super::error::LedgerError;
 use super::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header, encode_leaf};
 use super::merkle::{self, EMPTY_HASH, Hash, PendingNodes};
 use super::time::Timestamp;
-use super::{Appended, LedgerOptions, NewRecord, Published, StoreNodes};
+use super::{Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes};
 use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, Store};
 
 pub(super) enum Command {
@@ -50,7 +50,7 @@ pub(super) fn recover(
             )));
         }
         let checkpoint = signer.sign(0, EMPTY_HASH)?;
-        store.commit(CommitBatch {
+        store.commit(&CommitBatch {
             checkpoint: Some((0, checkpoint.note.clone().into_bytes())),
             ..CommitBatch::default()
         })?;
@@ -129,6 +129,7 @@ pub(super) fn spawn(
     published: Arc<Published>,
     queue: mpsc::Receiver<Command>,
     options: LedgerOptions,
+    indexer: Option<Box<dyn Indexer>>,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
     let writer = Writer {
         store,
@@ -136,6 +137,7 @@ pub(super) fn spawn(
         state,
         published,
         options,
+        indexer,
         failed: None,
     };
     std::thread::Builder::new()
@@ -150,6 +152,7 @@ struct Writer {
     state: WriterState,
     published: Arc<Published>,
     options: LedgerOptions,
+    indexer: Option<Box<dyn Indexer>>,
     /// Set when a commit failed: what the store holds is then uncertain until a restart
     /// re-reads it, so no further write is attempted.
     failed: Option<String>,
@@ -207,8 +210,24 @@ impl Writer {
             }
             Ok((outcomes, Some((batch, next_state)))) => {
                 let size = next_state.checkpoint.size;
-                match self.store.commit(batch) {
+                match self.store.commit(&batch) {
                     Ok(()) => {
+                        // Derived indexes follow the durable commit and precede publication,
+                        // so a reader bounded by the published size finds them complete.
+                        if let Some(indexer) = self.indexer.as_mut() {
+                            let entries: Vec<(u64, &[u8])> = batch
+                                .entries
+                                .iter()
+                                .map(|entry| (entry.index, entry.leaf.as_slice()))
+                                .collect();
+                            if let Err(error) = indexer.index(&entries) {
+                                // The entries are durable: acknowledge them, but write no more
+                                // until a restart re-derives the indexes from the ledger.
+                                tracing::error!(%error, "indexing failed; refusing further writes");
+                                self.failed =
+                                    Some(format!("indexing failed ({error}); restart the server"));
+                            }
+                        }
                         self.published
                             .checkpoint
                             .store(Arc::new(next_state.checkpoint.clone()));

@@ -13,6 +13,10 @@ pub use rules::{RULES, Rule, assess};
 
 use crate::ledger::time::Timestamp;
 
+/// Version of the rule table that decides, reported with every assessment. Bump it when a
+/// rule's meaning changes, so that stored answers can be told apart.
+pub const POLICY_VERSION: &str = "domain-table/1";
+
 /// What a communication is about (DOMAIN.md "Communication topics").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {

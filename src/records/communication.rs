@@ -5,11 +5,58 @@ use sha2::{Digest, Sha256};
 
 use super::validate;
 use crate::config::RecordLimits;
+use crate::ledger::time::Timestamp;
 use crate::ledger::{LedgerError, NewRecord};
+use crate::policy;
 use crate::proto::{Communication, CommunicationRecord, LeafRecord, Topic, leaf_record};
 
 /// Namespace byte of communication idempotency keys (other record kinds use others).
 const KEY_NAMESPACE: u8 = b'c';
+
+/// The policy's topic for a proto topic; `None` for unspecified or unknown values.
+pub fn policy_topic(topic: i32) -> Option<policy::Topic> {
+    match Topic::try_from(topic).ok()? {
+        Topic::Commercial => Some(policy::Topic::Commercial),
+        Topic::Support => Some(policy::Topic::Support),
+        Topic::Operational => Some(policy::Topic::Operational),
+        Topic::Transition => Some(policy::Topic::Transition),
+        Topic::General => Some(policy::Topic::General),
+        Topic::Unspecified => None,
+    }
+}
+
+/// The compliance question a recorded communication raises: was its sender allowed at its
+/// `sent_at`?
+pub fn question(record: &CommunicationRecord) -> Option<policy::Question> {
+    let sent_at = record.sent_at.as_ref()?;
+    Some(policy::Question {
+        sender_id: record.sender_id.clone(),
+        customer_id: record.customer_id.clone(),
+        topic: policy_topic(record.topic)?,
+        subscription_id: record.subscription_id.clone(),
+        product_id: record.product_id.clone(),
+        at: Timestamp {
+            seconds: sent_at.seconds,
+            nanos: sent_at.nanos,
+        },
+    })
+}
+
+/// The question a communication about to be appended raises.
+pub fn question_of(communication: &Communication) -> Option<policy::Question> {
+    let sent_at = communication.sent_at.as_ref()?;
+    Some(policy::Question {
+        sender_id: communication.sender_id.clone(),
+        customer_id: communication.customer_id.clone(),
+        topic: policy_topic(communication.topic)?,
+        subscription_id: communication.subscription_id.clone(),
+        product_id: communication.product_id.clone(),
+        at: Timestamp {
+            seconds: sent_at.seconds,
+            nanos: sent_at.nanos,
+        },
+    })
+}
 
 /// The idempotency key of a communication: `(sender_id, message_id)`.
 pub fn idempotency_key(sender_id: &str, message_id: &str) -> Vec<u8> {
@@ -147,7 +194,6 @@ mod tests {
     use super::*;
     use crate::ledger::leaf::{LeafHeader, encode_leaf};
     use crate::ledger::merkle::Hash;
-    use crate::ledger::time::Timestamp;
 
     fn sample() -> Communication {
         Communication {

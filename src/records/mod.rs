@@ -6,6 +6,8 @@
 //! and names its idempotency key; the ledger core only ever sees the resulting bytes.
 
 pub mod communication;
+pub mod fact;
 pub mod validate;
 
 pub use communication::prepare_communication;
+pub use fact::prepare_fact;

@@ -7,7 +7,7 @@
 
 pub mod sled_store;
 
-pub use sled_store::SledStore;
+pub use sled_store::{SledIndex, SledStore};
 
 use crate::ledger::merkle::Hash;
 
@@ -84,7 +84,7 @@ pub type Checkpoints<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), Storag
 pub trait Store: Send + Sync + 'static {
     /// Applies the batch atomically and durably: when this returns `Ok`, all of it survives
     /// a crash; when the process dies before, none of it or all of it is there.
-    fn commit(&self, batch: CommitBatch) -> Result<(), StorageError>;
+    fn commit(&self, batch: &CommitBatch) -> Result<(), StorageError>;
 
     /// The leaf bytes of entry `index`.
     fn leaf(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError>;
@@ -105,4 +105,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every signed checkpoint ever committed, oldest first.
     fn checkpoints(&self) -> Checkpoints<'_>;
+}
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// An ordered key-value space for derived data (query indexes). Everything in it can be
+/// rebuilt from the ledger, so writes are atomic but not flushed: after a crash the
+/// owner re-derives whatever is missing from the ledger itself.
+pub trait IndexStore: Send + Sync + 'static {
+    /// Applies all writes atomically (`None` removes the key).
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StorageError>;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Keys in `[start, end)` in ascending order, at most `limit`.
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError>;
+
+    /// Removes everything (before a rebuild).
+    fn clear(&self) -> Result<(), StorageError>;
 }

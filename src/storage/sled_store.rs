@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use super::{Checkpoints, CommitBatch, IdempotencyRecord, StorageError, Store};
+use super::{
+    Checkpoints, CommitBatch, IdempotencyRecord, IndexStore, KeyValue, StorageError, Store,
+};
 use crate::ledger::merkle::{HASH_SIZE, Hash};
 
 /// Key prefixes. Indices and sizes are big-endian so that keys sort numerically.
@@ -20,6 +22,49 @@ const LAYOUT_VERSION: &[u8] = b"1";
 
 pub struct SledStore {
     db: sled::Db,
+}
+
+/// Name of the sled tree holding derived indexes.
+const INDEX_TREE: &[u8] = b"index";
+
+/// [`IndexStore`] on a sled tree.
+pub struct SledIndex {
+    tree: sled::Tree,
+}
+
+impl IndexStore for SledIndex {
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        self.tree.apply_batch(batch).map_err(backend)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.tree.get(key).map_err(backend)?.map(|v| v.to_vec()))
+    }
+
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        self.tree
+            .range(start..end)
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                Ok((key.to_vec(), value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn clear(&self) -> Result<(), StorageError> {
+        self.tree.clear().map_err(backend)
+    }
 }
 
 fn backend(error: sled::Error) -> StorageError {
@@ -101,6 +146,13 @@ impl SledStore {
         Ok(SledStore { db })
     }
 
+    /// The derived-index space, a sled tree of its own beside the ledger's.
+    pub fn index(&self) -> Result<SledIndex, StorageError> {
+        Ok(SledIndex {
+            tree: self.db.open_tree(INDEX_TREE).map_err(backend)?,
+        })
+    }
+
     /// The raw sled database, for tests that alter the store behind the ledger's back.
     pub fn raw(&self) -> &sled::Db {
         &self.db
@@ -113,22 +165,22 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn commit(&self, batch: CommitBatch) -> Result<(), StorageError> {
+    fn commit(&self, batch: &CommitBatch) -> Result<(), StorageError> {
         let mut writes = sled::Batch::default();
-        for entry in batch.entries {
+        for entry in &batch.entries {
             let mut nodes = Vec::with_capacity(entry.nodes.len() * HASH_SIZE);
             for node in &entry.nodes {
                 nodes.extend_from_slice(&node.0);
             }
-            writes.insert(&leaf_key(entry.index), entry.leaf);
+            writes.insert(&leaf_key(entry.index), entry.leaf.as_slice());
             writes.insert(&nodes_key(entry.index), nodes);
-            writes.insert(&indexed_key(BODY, entry.index), entry.body);
+            writes.insert(&indexed_key(BODY, entry.index), entry.body.as_slice());
         }
-        for (key, record) in batch.idempotency {
-            writes.insert(idempotency_key(&key), record.encode().as_slice());
+        for (key, record) in &batch.idempotency {
+            writes.insert(idempotency_key(key), record.encode().as_slice());
         }
-        if let Some((size, note)) = batch.checkpoint {
-            writes.insert(&checkpoint_key(size), note);
+        if let Some((size, note)) = &batch.checkpoint {
+            writes.insert(&checkpoint_key(*size), note.as_slice());
         }
         self.db.apply_batch(writes).map_err(backend)?;
         self.db.flush().map_err(backend)?;

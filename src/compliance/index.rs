@@ -1,0 +1,204 @@
+//! The compliance indexes: derived from the ledger alone, kept in step by the writer
+//! ([`ComplianceIndexer`]), rebuilt by `audit-ledger reindex`.
+//!
+//! Key layout (one ordered key space, ids never contain NUL):
+//! - `m/indexed` → u64 BE: entries below this index are indexed.
+//! - `F` ‖ dim ‖ id ‖ 0x00 ‖ index → the encoded `Fact`. dim `p`: facts about party `id`
+//!   (its registration); `c`: facts about customer `id` (relationships, subscriptions,
+//!   transfers of its subscriptions, direct agreements); `s`: facts about subscription `id`.
+//! - `C` ‖ dim ‖ id ‖ 0x00 ‖ sent_at ‖ index → empty. dim `t` (id empty): every
+//!   communication; `c` customer; `s` sender; `u` subscription.
+//!
+//! `index` is a u64 BE; `sent_at` is 12 bytes that sort like the instant (sign-flipped
+//! seconds BE, then nanos BE).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::ledger::Indexer;
+use crate::ledger::time::Timestamp;
+use crate::proto::{self, LeafRecord, fact::Kind, leaf_record};
+use crate::storage::{IndexStore, StorageError};
+
+const INDEXED_SIZE: &[u8] = b"m/indexed";
+
+pub const FACT_BY_PARTY: u8 = b'p';
+pub const FACT_BY_CUSTOMER: u8 = b'c';
+pub const FACT_BY_SUBSCRIPTION: u8 = b's';
+
+pub const COMMUNICATION_BY_TIME: u8 = b't';
+pub const COMMUNICATION_BY_CUSTOMER: u8 = b'c';
+pub const COMMUNICATION_BY_SENDER: u8 = b's';
+pub const COMMUNICATION_BY_SUBSCRIPTION: u8 = b'u';
+
+/// Length of an encoded instant.
+pub const INSTANT_LEN: usize = 12;
+
+pub fn encode_instant(at: Timestamp) -> [u8; INSTANT_LEN] {
+    let mut out = [0u8; INSTANT_LEN];
+    out[..8].copy_from_slice(&((at.seconds as u64) ^ (1 << 63)).to_be_bytes());
+    out[8..].copy_from_slice(&(at.nanos.max(0) as u32).to_be_bytes());
+    out
+}
+
+/// `kind ‖ dim ‖ id ‖ 0x00`: every key of one fact or communication list starts with it.
+pub fn list_prefix(kind: u8, dim: u8, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(3 + id.len() + 20);
+    key.push(kind);
+    key.push(dim);
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The first key after every key that starts with `prefix` (which ends in 0x00).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+pub fn fact_key(dim: u8, id: &str, index: u64) -> Vec<u8> {
+    let mut key = list_prefix(b'F', dim, id);
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+pub fn communication_key(dim: u8, id: &str, sent_at: Timestamp, index: u64) -> Vec<u8> {
+    let mut key = list_prefix(b'C', dim, id);
+    key.extend_from_slice(&encode_instant(sent_at));
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The ledger index at the end of a fact or communication key.
+pub fn index_of_key(key: &[u8]) -> Option<u64> {
+    let tail = key.get(key.len().checked_sub(8)?..)?;
+    Some(u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+/// The instant and index at the end of a communication key.
+pub fn position_of_key(key: &[u8]) -> Option<([u8; INSTANT_LEN], u64)> {
+    let start = key.len().checked_sub(INSTANT_LEN + 8)?;
+    let instant = key.get(start..start + INSTANT_LEN)?.try_into().ok()?;
+    Some((instant, index_of_key(key)?))
+}
+
+fn timestamp(at: &Option<prost_types::Timestamp>) -> Timestamp {
+    at.as_ref()
+        .map(|t| Timestamp {
+            seconds: t.seconds,
+            nanos: t.nanos,
+        })
+        .unwrap_or_default()
+}
+
+/// Keeps the compliance indexes in step with the ledger.
+pub struct ComplianceIndexer {
+    index: Arc<dyn IndexStore>,
+}
+
+impl ComplianceIndexer {
+    pub fn new(index: Arc<dyn IndexStore>) -> Self {
+        ComplianceIndexer { index }
+    }
+
+    /// The customer a subscription belongs to, from its latest indexed subscription fact.
+    fn customer_of(&self, subscription_id: &str) -> Result<Option<String>, StorageError> {
+        let prefix = list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id);
+        let facts = self
+            .index
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?;
+        for (_, value) in facts.iter().rev() {
+            let fact = proto::Fact::decode(value.as_slice())
+                .map_err(|_| StorageError::Malformed("indexed fact".into()))?;
+            if let Some(Kind::Subscription(subscription)) = fact.kind {
+                return Ok(Some(subscription.customer_id));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Indexer for ComplianceIndexer {
+    fn indexed_size(&self) -> Result<u64, StorageError> {
+        match self.index.get(INDEXED_SIZE)? {
+            Some(bytes) => {
+                Ok(u64::from_be_bytes(bytes.as_slice().try_into().map_err(
+                    |_| StorageError::Malformed("indexed size".into()),
+                )?))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn index(&mut self, entries: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        // Subscriptions first seen in this batch, for the transfers that follow them.
+        let mut customers: HashMap<String, String> = HashMap::new();
+        for &(index, leaf) in entries {
+            let record = LeafRecord::decode(leaf)
+                .map_err(|_| StorageError::Malformed(format!("entry {index} is not a LeafRecord")))?
+                .record;
+            match record {
+                Some(leaf_record::Record::Communication(c)) => {
+                    let sent_at = timestamp(&c.sent_at);
+                    let mut put = |dim, id: &str| {
+                        writes.push((communication_key(dim, id, sent_at, index), Some(Vec::new())));
+                    };
+                    put(COMMUNICATION_BY_TIME, "");
+                    put(COMMUNICATION_BY_CUSTOMER, &c.customer_id);
+                    put(COMMUNICATION_BY_SENDER, &c.sender_id);
+                    if !c.subscription_id.is_empty() {
+                        put(COMMUNICATION_BY_SUBSCRIPTION, &c.subscription_id);
+                    }
+                }
+                Some(leaf_record::Record::Fact(fact)) => {
+                    let value = fact.encode_to_vec();
+                    let mut put = |dim, id: &str| {
+                        writes.push((fact_key(dim, id, index), Some(value.clone())));
+                    };
+                    match &fact.kind {
+                        Some(Kind::Party(party)) => put(FACT_BY_PARTY, &party.party_id),
+                        Some(Kind::ResellerRelationship(r)) => {
+                            put(FACT_BY_CUSTOMER, &r.customer_id)
+                        }
+                        Some(Kind::Subscription(s)) => {
+                            put(FACT_BY_CUSTOMER, &s.customer_id);
+                            put(FACT_BY_SUBSCRIPTION, &s.subscription_id);
+                            customers.insert(s.subscription_id.clone(), s.customer_id.clone());
+                        }
+                        Some(Kind::Transfer(t)) => {
+                            put(FACT_BY_SUBSCRIPTION, &t.subscription_id);
+                            let customer = match customers.get(&t.subscription_id) {
+                                Some(customer) => Some(customer.clone()),
+                                None => self.customer_of(&t.subscription_id)?,
+                            };
+                            if let Some(customer) = customer {
+                                writes.push((
+                                    fact_key(FACT_BY_CUSTOMER, &customer, index),
+                                    Some(value.clone()),
+                                ));
+                            }
+                        }
+                        Some(Kind::DirectAgreement(a)) => put(FACT_BY_CUSTOMER, &a.customer_id),
+                        None => {}
+                    }
+                }
+                None => {}
+            }
+        }
+        writes.push((
+            INDEXED_SIZE.to_vec(),
+            Some((last.0 + 1).to_be_bytes().to_vec()),
+        ));
+        self.index.apply(writes)
+    }
+}

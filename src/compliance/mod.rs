@@ -1,0 +1,415 @@
+//! Compliance answers over the ledger: recorded facts, `CheckSender`, violations and
+//! communication search. Verdicts are derived from the facts on every question, never
+//! stored as truth; the indexes in [`index`] only find the facts and communications fast,
+//! and can be rebuilt from the ledger alone.
+
+pub mod index;
+pub mod page_token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::ledger::time::Timestamp;
+use crate::ledger::{Ledger, LedgerError, StoredEntry};
+use crate::policy::{self, Assessment, Question, RecordedFact, Rule, Verdict};
+use crate::proto::{self, CommunicationRecord, LeafRecord, leaf_record};
+use crate::records::communication::question;
+use crate::records::fact::to_policy;
+use crate::storage::IndexStore;
+use index::{
+    COMMUNICATION_BY_CUSTOMER, COMMUNICATION_BY_SENDER, COMMUNICATION_BY_SUBSCRIPTION,
+    COMMUNICATION_BY_TIME, FACT_BY_CUSTOMER, FACT_BY_PARTY, FACT_BY_SUBSCRIPTION, encode_instant,
+    list_prefix, position_of_key, prefix_end,
+};
+use page_token::{PagePosition, PageTokens, fingerprint};
+
+/// Paging limits.
+#[derive(Debug, Clone)]
+pub struct QueryLimits {
+    /// Page size when the request says 0.
+    pub default_page_size: usize,
+    /// Largest page; larger requests are capped.
+    pub max_page_size: usize,
+    /// Most candidates one page examines before it returns (possibly short, with a token),
+    /// so a selective query over a large ledger cannot hold a request for long.
+    pub max_scan_per_page: usize,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            default_page_size: 100,
+            max_page_size: 1000,
+            max_scan_per_page: 20_000,
+        }
+    }
+}
+
+/// Filters of `ListCommunications`; empty strings and `None` match everything.
+#[derive(Debug, Clone, Default)]
+pub struct CommunicationFilter {
+    pub customer_id: String,
+    pub sender_id: String,
+    /// A proto `Topic` value; 0 (unspecified) matches every topic.
+    pub topic: i32,
+    pub subscription_id: String,
+    /// sent_at from (inclusive) ...
+    pub from: Option<Timestamp>,
+    /// ... to (exclusive).
+    pub to: Option<Timestamp>,
+}
+
+/// Filters of `ListViolations`.
+#[derive(Debug, Clone, Default)]
+pub struct ViolationFilter {
+    pub communications: CommunicationFilter,
+    pub rule: Option<Rule>,
+    pub include_review: bool,
+    pub as_of_tree_size: u64,
+}
+
+/// One page of results.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The ledger size every item was judged at (pinned by the first page).
+    pub tree_size: u64,
+    /// Empty on the last page.
+    pub next_page_token: String,
+}
+
+/// A recorded communication with its verdict.
+pub type Judged = (StoredEntry, Assessment);
+
+/// Entries read from an index per step of a scan.
+const SCAN_CHUNK: usize = 256;
+
+/// The compliance side of the ledger.
+#[derive(Clone)]
+pub struct Compliance {
+    ledger: Ledger,
+    index: Arc<dyn IndexStore>,
+    tokens: PageTokens,
+    limits: QueryLimits,
+}
+
+impl Compliance {
+    pub fn new(
+        ledger: Ledger,
+        index: Arc<dyn IndexStore>,
+        token_secret: &[u8],
+        limits: QueryLimits,
+    ) -> Self {
+        Compliance {
+            ledger,
+            index,
+            tokens: PageTokens::new(token_secret),
+            limits,
+        }
+    }
+
+    /// The ledger size an `as_of_tree_size` stands for: 0 is the current size.
+    pub fn tree_size_as_of(&self, as_of_tree_size: u64) -> Result<u64, LedgerError> {
+        let current = self.ledger.tree_size();
+        match as_of_tree_size {
+            0 => Ok(current),
+            size if size > current => Err(LedgerError::invalid(
+                "as_of_tree_size",
+                format!("{size} is past the current tree size {current}"),
+            )),
+            size => Ok(size),
+        }
+    }
+
+    /// Every fact about the sender, the customer and (if named) the subscription at ledger
+    /// indices below `tree_size`: prefix scans of three index lists, independent of ledger size.
+    pub fn facts(
+        &self,
+        sender_id: &str,
+        customer_id: &str,
+        subscription_id: &str,
+        tree_size: u64,
+    ) -> Result<Vec<RecordedFact>, LedgerError> {
+        let mut lists = vec![
+            list_prefix(b'F', FACT_BY_PARTY, sender_id),
+            list_prefix(b'F', FACT_BY_CUSTOMER, customer_id),
+        ];
+        if !subscription_id.is_empty() {
+            lists.push(list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id));
+        }
+        let mut facts: Vec<RecordedFact> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for prefix in lists {
+            for (key, value) in self
+                .index
+                .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            {
+                let Some(index) = index::index_of_key(&key) else {
+                    continue;
+                };
+                // A fact can be listed under several keys (e.g. a subscription under its
+                // customer and itself); count it once.
+                if index >= tree_size || !seen.insert(index) {
+                    continue;
+                }
+                let fact = proto::Fact::decode(value.as_slice()).map_err(|_| {
+                    LedgerError::Integrity(format!("the index holds an undecodable fact {index}"))
+                })?;
+                facts.extend(to_policy(index, &fact));
+            }
+        }
+        Ok(facts)
+    }
+
+    /// Judges a question on the facts recorded below `as_of_tree_size` (0: all so far).
+    /// Returns the assessment and the tree size it was computed at.
+    pub fn check(
+        &self,
+        question: &Question,
+        as_of_tree_size: u64,
+    ) -> Result<(Assessment, u64), LedgerError> {
+        let tree_size = self.tree_size_as_of(as_of_tree_size)?;
+        let facts = self.facts(
+            &question.sender_id,
+            &question.customer_id,
+            &question.subscription_id,
+            tree_size,
+        )?;
+        Ok((policy::assess(question, &facts), tree_size))
+    }
+
+    /// Whether a subscription fact for `subscription_id` is recorded.
+    pub fn subscription_known(&self, subscription_id: &str) -> Result<bool, LedgerError> {
+        let size = self.ledger.tree_size();
+        let prefix = list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id);
+        Ok(self
+            .index
+            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
+            .iter()
+            .any(|(key, value)| {
+                index::index_of_key(key).is_some_and(|index| index < size)
+                    && matches!(
+                        proto::Fact::decode(value.as_slice()).map(|f| f.kind),
+                        Ok(Some(proto::fact::Kind::Subscription(_)))
+                    )
+            }))
+    }
+
+    pub fn list_communications(
+        &self,
+        filter: &CommunicationFilter,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<Page<StoredEntry>, LedgerError> {
+        let filters = fingerprint(&[b"communications", &filter_bytes(filter)]);
+        let (page_size, position) = self.page_start(page_size, page_token, filters)?;
+        let tree_size = match position {
+            Some(position) => position.tree_size,
+            None => self.ledger.tree_size(),
+        };
+        let (items, next) = self.scan(filter, tree_size, position, page_size, |entry, _| {
+            Ok(Some(entry))
+        })?;
+        Ok(Page {
+            items,
+            tree_size,
+            next_page_token: next
+                .map(|next| self.tokens.issue(filters, next))
+                .unwrap_or_default(),
+        })
+    }
+
+    pub fn list_violations(
+        &self,
+        filter: &ViolationFilter,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<Page<Judged>, LedgerError> {
+        let mut described = filter_bytes(&filter.communications);
+        described.extend_from_slice(filter.rule.map_or("", |rule| rule.name()).as_bytes());
+        described.push(u8::from(filter.include_review));
+        described.extend_from_slice(&filter.as_of_tree_size.to_be_bytes());
+        let filters = fingerprint(&[b"violations", &described]);
+        let (page_size, position) = self.page_start(page_size, page_token, filters)?;
+        let tree_size = match position {
+            Some(position) => position.tree_size,
+            None => self.tree_size_as_of(filter.as_of_tree_size)?,
+        };
+        // Facts per (sender, customer, subscription), read once per page.
+        let mut facts_cache: HashMap<(String, String, String), Vec<RecordedFact>> = HashMap::new();
+        let (items, next) = self.scan(
+            &filter.communications,
+            tree_size,
+            position,
+            page_size,
+            |entry, record| {
+                let Some(question) = question(record) else {
+                    return Ok(None);
+                };
+                let key = (
+                    question.sender_id.clone(),
+                    question.customer_id.clone(),
+                    question.subscription_id.clone(),
+                );
+                let facts = match facts_cache.get(&key) {
+                    Some(facts) => facts,
+                    None => {
+                        let facts = self.facts(&key.0, &key.1, &key.2, tree_size)?;
+                        facts_cache.entry(key).or_insert(facts)
+                    }
+                };
+                let assessment = policy::assess(&question, facts);
+                let wanted = match assessment.verdict {
+                    Verdict::Violation => true,
+                    Verdict::Review => filter.include_review,
+                    Verdict::Allowed => false,
+                } && filter.rule.is_none_or(|rule| rule == assessment.rule);
+                Ok(wanted.then_some((entry, assessment)))
+            },
+        )?;
+        Ok(Page {
+            items,
+            tree_size,
+            next_page_token: next
+                .map(|next| self.tokens.issue(filters, next))
+                .unwrap_or_default(),
+        })
+    }
+
+    fn page_start(
+        &self,
+        page_size: i32,
+        page_token: &str,
+        filters: [u8; 16],
+    ) -> Result<(usize, Option<PagePosition>), LedgerError> {
+        let page_size = match page_size {
+            size if size < 0 => {
+                return Err(LedgerError::invalid("page_size", "must not be negative"));
+            }
+            0 => self.limits.default_page_size,
+            size => (size as usize).min(self.limits.max_page_size),
+        };
+        if page_token.is_empty() {
+            return Ok((page_size, None));
+        }
+        let position = self.tokens.check(page_token, filters).map_err(|_| {
+            LedgerError::invalid(
+                "page_token",
+                "was not issued by this server for a request with these filters",
+            )
+        })?;
+        Ok((page_size, Some(position)))
+    }
+
+    /// Walks the best index for `filter` in sent_at order from `position`, keeping what
+    /// `visit` returns, until a page is full, the scan budget is spent or the list ends.
+    fn scan<T>(
+        &self,
+        filter: &CommunicationFilter,
+        tree_size: u64,
+        position: Option<PagePosition>,
+        page_size: usize,
+        mut visit: impl FnMut(StoredEntry, &CommunicationRecord) -> Result<Option<T>, LedgerError>,
+    ) -> Result<(Vec<T>, Option<PagePosition>), LedgerError> {
+        let (dim, id) = if !filter.customer_id.is_empty() {
+            (COMMUNICATION_BY_CUSTOMER, filter.customer_id.as_str())
+        } else if !filter.subscription_id.is_empty() {
+            (
+                COMMUNICATION_BY_SUBSCRIPTION,
+                filter.subscription_id.as_str(),
+            )
+        } else if !filter.sender_id.is_empty() {
+            (COMMUNICATION_BY_SENDER, filter.sender_id.as_str())
+        } else {
+            (COMMUNICATION_BY_TIME, "")
+        };
+        let prefix = list_prefix(b'C', dim, id);
+        let at = |instant: &[u8], index: Option<u64>| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(instant);
+            if let Some(index) = index {
+                key.extend_from_slice(&index.to_be_bytes());
+            }
+            key
+        };
+        let mut start = match (position, filter.from) {
+            (Some(position), _) => at(&position.instant, Some(position.index)),
+            (None, Some(from)) => at(&encode_instant(from), None),
+            (None, None) => prefix.clone(),
+        };
+        let end = match filter.to {
+            Some(to) => at(&encode_instant(to), None),
+            None => prefix_end(&prefix),
+        };
+
+        let mut items = Vec::new();
+        let mut scanned = 0usize;
+        loop {
+            let chunk = self.index.range(&start, &end, SCAN_CHUNK)?;
+            let chunk_len = chunk.len();
+            for (key, _) in chunk {
+                let Some((instant, index)) = position_of_key(&key) else {
+                    continue;
+                };
+                scanned += 1;
+                let next = PagePosition {
+                    tree_size,
+                    instant,
+                    index: index + 1,
+                };
+                start = at(&instant, Some(index + 1));
+                if index >= tree_size {
+                    continue;
+                }
+                let entry = self.ledger.entry(index)?;
+                let Some(record) = communication_record(&entry) else {
+                    continue;
+                };
+                if matches(filter, &record) {
+                    if let Some(item) = visit(entry, &record)? {
+                        items.push(item);
+                    }
+                }
+                if items.len() >= page_size || scanned >= self.limits.max_scan_per_page {
+                    return Ok((items, Some(next)));
+                }
+            }
+            if chunk_len < SCAN_CHUNK {
+                return Ok((items, None));
+            }
+        }
+    }
+}
+
+fn communication_record(entry: &StoredEntry) -> Option<CommunicationRecord> {
+    match LeafRecord::decode(entry.leaf.as_slice()).ok()?.record? {
+        leaf_record::Record::Communication(record) => Some(record),
+        leaf_record::Record::Fact(_) => None,
+    }
+}
+
+fn matches(filter: &CommunicationFilter, record: &CommunicationRecord) -> bool {
+    (filter.customer_id.is_empty() || filter.customer_id == record.customer_id)
+        && (filter.sender_id.is_empty() || filter.sender_id == record.sender_id)
+        && (filter.subscription_id.is_empty() || filter.subscription_id == record.subscription_id)
+        && (filter.topic == 0 || filter.topic == record.topic)
+}
+
+fn filter_bytes(filter: &CommunicationFilter) -> Vec<u8> {
+    let instant = |at: Option<Timestamp>| at.map(encode_instant).unwrap_or([0xff; 12]);
+    let mut out = Vec::new();
+    for part in [
+        &filter.customer_id,
+        &filter.sender_id,
+        &filter.subscription_id,
+    ] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+    out.extend_from_slice(&filter.topic.to_be_bytes());
+    out.extend_from_slice(&instant(filter.from));
+    out.extend_from_slice(&instant(filter.to));
+    out
+}

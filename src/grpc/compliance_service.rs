@@ -1,0 +1,239 @@
+//! `audit.ledger.v1.ComplianceService`: a thin translation onto [`Compliance`].
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{assessment_message, entry_message, timestamp};
+use super::status::to_status;
+use crate::compliance::{CommunicationFilter, Compliance, ViolationFilter};
+use crate::config::ServerConfig;
+use crate::ledger::time::Timestamp;
+use crate::ledger::{Ledger, LedgerError};
+use crate::policy::{Question, Rule};
+use crate::proto::compliance_service_server::ComplianceService;
+use crate::proto::{
+    CheckSenderRequest, CheckSenderResponse, ListCommunicationsRequest, ListCommunicationsResponse,
+    ListViolationsRequest, ListViolationsResponse, RecordFactRequest, RecordFactResponse, Topic,
+    Violation, fact::Kind,
+};
+use crate::records::communication::policy_topic;
+use crate::records::prepare_fact;
+use crate::records::validate;
+
+#[derive(Clone)]
+pub struct ComplianceApi {
+    ledger: Ledger,
+    compliance: Compliance,
+    config: ServerConfig,
+}
+
+impl ComplianceApi {
+    pub fn new(ledger: Ledger, compliance: Compliance, config: ServerConfig) -> Self {
+        ComplianceApi {
+            ledger,
+            compliance,
+            config,
+        }
+    }
+}
+
+fn optional_time(
+    field: &str,
+    at: &Option<prost_types::Timestamp>,
+) -> Result<Option<Timestamp>, LedgerError> {
+    match at {
+        Some(at) => {
+            validate::timestamp(field, at)?;
+            Ok(Some(timestamp(at)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Filters shared by ListCommunications and ListViolations: ids are optional but, when
+/// given, must be well-formed.
+fn communication_filter(
+    customer_id: String,
+    sender_id: String,
+    topic: i32,
+    subscription_id: String,
+    from: &Option<prost_types::Timestamp>,
+    to: &Option<prost_types::Timestamp>,
+    max_id: usize,
+) -> Result<CommunicationFilter, LedgerError> {
+    validate::optional_id("customer_id", &customer_id, max_id)?;
+    validate::optional_id("sender_id", &sender_id, max_id)?;
+    validate::optional_id("subscription_id", &subscription_id, max_id)?;
+    if Topic::try_from(topic).is_err() {
+        return Err(LedgerError::invalid(
+            "topic",
+            format!("{topic} is not a known topic"),
+        ));
+    }
+    let from = optional_time("from", from)?;
+    let to = optional_time("to", to)?;
+    if let (Some(from), Some(to)) = (from, to) {
+        if from > to {
+            return Err(LedgerError::invalid("to", "is before from"));
+        }
+    }
+    Ok(CommunicationFilter {
+        customer_id,
+        sender_id,
+        topic,
+        subscription_id,
+        from,
+        to,
+    })
+}
+
+#[tonic::async_trait]
+impl ComplianceService for ComplianceApi {
+    async fn record_fact(
+        &self,
+        request: Request<RecordFactRequest>,
+    ) -> Result<Response<RecordFactResponse>, Status> {
+        let fact = request
+            .into_inner()
+            .fact
+            .ok_or_else(|| Status::invalid_argument("fact: must be set"))?;
+        let transfer_of = match &fact.kind {
+            Some(Kind::Transfer(transfer)) => Some(transfer.subscription_id.clone()),
+            _ => None,
+        };
+        let record = prepare_fact(fact, "fact", &self.config.record_limits).map_err(to_status)?;
+        if let Some(subscription_id) = transfer_of {
+            if !self
+                .compliance
+                .subscription_known(&subscription_id)
+                .map_err(to_status)?
+            {
+                return Err(to_status(LedgerError::invalid(
+                    "fact.transfer.subscription_id",
+                    format!("no subscription {subscription_id:?} is recorded"),
+                )));
+            }
+        }
+        let appended = self.ledger.append(vec![record]).await.map_err(to_status)?;
+        let appended = appended
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::internal("the ledger returned no result"))?;
+        Ok(Response::new(RecordFactResponse {
+            index: appended.index,
+            leaf_hash: appended.leaf_hash.0.to_vec(),
+            duplicate: appended.duplicate,
+        }))
+    }
+
+    async fn check_sender(
+        &self,
+        request: Request<CheckSenderRequest>,
+    ) -> Result<Response<CheckSenderResponse>, Status> {
+        let request = request.into_inner();
+        let max = self.config.record_limits.max_id_bytes;
+        let check = || -> Result<_, LedgerError> {
+            validate::required_id("sender_id", &request.sender_id, max)?;
+            validate::required_id("customer_id", &request.customer_id, max)?;
+            let topic = policy_topic(request.topic).ok_or_else(|| {
+                LedgerError::invalid(
+                    "topic",
+                    "must be a known topic other than TOPIC_UNSPECIFIED",
+                )
+            })?;
+            validate::optional_id("subscription_id", &request.subscription_id, max)?;
+            validate::optional_id("product_id", &request.product_id, max)?;
+            if !request.subscription_id.is_empty() && !request.product_id.is_empty() {
+                return Err(LedgerError::invalid(
+                    "product_id",
+                    "a communication is about a CSP subscription or a non-CSP product, not both",
+                ));
+            }
+            let at = optional_time("at", &request.at)?.unwrap_or_else(Timestamp::now);
+            let question = Question {
+                sender_id: request.sender_id.clone(),
+                customer_id: request.customer_id.clone(),
+                topic,
+                subscription_id: request.subscription_id.clone(),
+                product_id: request.product_id.clone(),
+                at,
+            };
+            self.compliance.check(&question, request.as_of_tree_size)
+        };
+        let (assessment, tree_size) = check().map_err(to_status)?;
+        Ok(Response::new(CheckSenderResponse {
+            assessment: Some(assessment_message(assessment, tree_size)),
+        }))
+    }
+
+    async fn list_violations(
+        &self,
+        request: Request<ListViolationsRequest>,
+    ) -> Result<Response<ListViolationsResponse>, Status> {
+        let request = request.into_inner();
+        let run = || -> Result<_, LedgerError> {
+            let rule = match request.rule.as_str() {
+                "" => None,
+                name => Some(Rule::from_name(name).ok_or_else(|| {
+                    LedgerError::invalid(
+                        "rule",
+                        format!("{name:?} is not a rule name of DOMAIN.md"),
+                    )
+                })?),
+            };
+            let filter = ViolationFilter {
+                communications: communication_filter(
+                    request.customer_id.clone(),
+                    request.sender_id.clone(),
+                    0,
+                    String::new(),
+                    &request.from,
+                    &request.to,
+                    self.config.record_limits.max_id_bytes,
+                )?,
+                rule,
+                include_review: request.include_review,
+                as_of_tree_size: request.as_of_tree_size,
+            };
+            self.compliance
+                .list_violations(&filter, request.page_size, &request.page_token)
+        };
+        let page = run().map_err(to_status)?;
+        let tree_size = page.tree_size;
+        Ok(Response::new(ListViolationsResponse {
+            violations: page
+                .items
+                .into_iter()
+                .map(|(entry, assessment)| Violation {
+                    entry: Some(entry_message(entry)),
+                    assessment: Some(assessment_message(assessment, tree_size)),
+                })
+                .collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn list_communications(
+        &self,
+        request: Request<ListCommunicationsRequest>,
+    ) -> Result<Response<ListCommunicationsResponse>, Status> {
+        let request = request.into_inner();
+        let run = || -> Result<_, LedgerError> {
+            let filter = communication_filter(
+                request.customer_id.clone(),
+                request.sender_id.clone(),
+                request.topic,
+                request.subscription_id.clone(),
+                &request.from,
+                &request.to,
+                self.config.record_limits.max_id_bytes,
+            )?;
+            self.compliance
+                .list_communications(&filter, request.page_size, &request.page_token)
+        };
+        let page = run().map_err(to_status)?;
+        Ok(Response::new(ListCommunicationsResponse {
+            entries: page.items.into_iter().map(entry_message).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
