@@ -35,6 +35,8 @@ enum Command {
     VerifierKey(KeyArgs),
     /// Verify a stopped ledger end to end; exit 1 naming the first bad index.
     Verify(VerifyArgs),
+    /// Rebuild a stopped ledger's derived indexes from its entries alone.
+    Reindex(KeyArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::VerifierKey(args) => verifier_key(args),
         Command::Verify(args) => verify(args),
+        Command::Reindex(args) => reindex(args),
     };
     match result {
         Ok(code) => code,
@@ -184,6 +187,20 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn reindex(args: KeyArgs) -> anyhow::Result<ExitCode> {
+    if !args.data_dir.join(STORE_DIR_NAME).is_dir() {
+        anyhow::bail!("{} holds no ledger store", args.data_dir.display());
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let started = std::time::Instant::now();
+    let size = runtime.block_on(server::reindex(&args.data_dir, args.signing_key.as_deref()))?;
+    println!(
+        "reindexed {size} entries ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn hex_string(bytes: &[u8]) -> String {

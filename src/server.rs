@@ -2,6 +2,7 @@
 //! let the writer finish what it acknowledged and close the store.
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -142,6 +143,25 @@ impl Server {
         tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
         Ok(result?)
     }
+}
+
+/// Rebuilds the derived indexes of a stopped ledger from its entries alone, and returns
+/// the number of entries indexed. The ledger's tail is checked against its signed
+/// checkpoint first, as at every start.
+pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64, ServerError> {
+    let signer = keys::load(&keys::key_path(data_dir, signing_key))?;
+    let store = SledStore::open(&data_dir.join(STORE_DIR_NAME), 64 * 1024 * 1024)?;
+    let index = store.index()?;
+    index.clear()?;
+    let ledger = Ledger::open(
+        Arc::new(store),
+        signer,
+        LedgerOptions::default(),
+        Some(Box::new(ComplianceIndexer::new(Arc::new(index)))),
+    )?;
+    let size = ledger.tree_size();
+    ledger.shutdown().await;
+    Ok(size)
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -97,6 +97,8 @@ pub struct PendingTransfer {
     pub from_partner_id: String,
     pub to_partner_id: String,
     pub index: u64,
+    /// The facts that tie the subscription to its customer (when found through the customer).
+    pub subscription_evidence: Vec<u64>,
 }
 
 /// The facts in force at one instant. Built from any set of recorded facts; facts that take
@@ -174,14 +176,17 @@ impl<'a> Snapshot<'a> {
             .collect()
     }
 
-    /// The subscription's state, and every partner that billed it earlier but no longer does
-    /// (with the index of the fact that moved it away).
+    /// The subscription's state, and every partner that billed it earlier but no longer does,
+    /// with the facts that show it: the one that made it the biller and the one that moved
+    /// the subscription away.
     pub fn subscription(
         &self,
         subscription_id: &str,
-    ) -> (Option<SubscriptionState>, Vec<(String, u64)>) {
+    ) -> (Option<SubscriptionState>, Vec<(String, Vec<u64>)>) {
         let mut state: Option<SubscriptionState> = None;
-        let mut former: Vec<(String, u64)> = Vec::new();
+        let mut former: Vec<(String, Vec<u64>)> = Vec::new();
+        // The fact that made the current biller the biller.
+        let mut biller_since = 0u64;
         for recorded in &self.facts {
             let previous_biller = state.as_ref().map(|s| s.biller_id.clone());
             match &recorded.fact {
@@ -220,11 +225,13 @@ impl<'a> Snapshot<'a> {
                 }
                 _ => continue,
             }
-            if let (Some(before), Some(now)) = (previous_biller, state.as_ref()) {
-                if before != now.biller_id {
-                    former.retain(|(partner, _)| partner != &now.biller_id);
-                    former.push((before, recorded.index));
+            let now = state.as_ref().map(|s| s.biller_id.clone());
+            if previous_biller != now {
+                if let (Some(before), Some(now)) = (previous_biller, now) {
+                    former.retain(|(partner, _)| *partner != now);
+                    former.push((before, vec![biller_since, recorded.index]));
                 }
+                biller_since = recorded.index;
             }
         }
         (state, former)
@@ -247,6 +254,7 @@ impl<'a> Snapshot<'a> {
                         from_partner_id: from_partner_id.clone(),
                         to_partner_id: to_partner_id.clone(),
                         index: recorded.index,
+                        subscription_evidence: Vec::new(),
                     }),
                     _ => None,
                 }),
@@ -272,7 +280,14 @@ impl<'a> Snapshot<'a> {
         subscriptions.dedup();
         subscriptions
             .into_iter()
-            .filter_map(|subscription| self.pending_transfer(subscription))
+            .filter_map(|subscription| {
+                let (state, _) = self.subscription(subscription);
+                // Only subscriptions that belong to this customer at the instant.
+                let state = state.filter(|s| s.customer_id == customer_id)?;
+                let mut transfer = self.pending_transfer(subscription)?;
+                transfer.subscription_evidence = state.evidence;
+                Some(transfer)
+            })
             .collect()
     }
 

@@ -91,8 +91,9 @@ struct Situation<'q> {
     partners_of_record: Vec<(String, u64)>,
     /// The subscription the communication is about, when it names one of this customer's.
     subscription: Option<SubscriptionState>,
-    /// Partners that billed the subscription earlier and no longer do.
-    former_billers: Vec<(String, u64)>,
+    /// Partners that billed the subscription earlier and no longer do, with the facts
+    /// that show it.
+    former_billers: Vec<(String, Vec<u64>)>,
     /// The transfer of the named subscription in progress.
     pending_transfer: Option<PendingTransfer>,
     /// Transfers in progress of any of the customer's subscriptions.
@@ -317,7 +318,13 @@ impl Situation<'_> {
                             "{sender} is the prospective partner of the transfer of {} in progress",
                             transfer.subscription_id
                         ),
-                        self.with_party([transfer.index]),
+                        self.with_party(
+                            transfer
+                                .subscription_evidence
+                                .iter()
+                                .copied()
+                                .chain([transfer.index]),
+                        ),
                     )
                 })
             }
@@ -334,10 +341,10 @@ impl Situation<'_> {
                 if !self.about_subscription() {
                     return None;
                 }
-                let (_, moved) = self.former_billers.iter().find(|(p, _)| p == sender)?;
+                let (_, shown_by) = self.former_billers.iter().find(|(p, _)| p == sender)?;
                 Some((
                     format!("subscription {} moved away from {sender}", q.subscription_id),
-                    self.with_party([*moved]),
+                    self.with_party(shown_by.iter().copied()),
                 ))
             }
             Rule::NotBiller => {

@@ -1,0 +1,1076 @@
+//! ComplianceService through the real server: a realistic scenario recorded as facts and
+//! communications, then CheckSender, ListViolations and ListCommunications asserted one by
+//! one; bitemporal answers; evidence checked by inclusion proofs; reindex.
+
+mod common;
+
+use audit_ledger::proto::compliance_service_client::ComplianceServiceClient;
+use audit_ledger::proto::{
+    AppendRequest, Assessment, CheckSenderRequest, Communication, DirectAgreement, Fact,
+    GetCheckpointRequest, GetEntryRequest, GetInclusionProofRequest, ListCommunicationsRequest,
+    ListViolationsRequest, Party, PartyKind, RecordFactRequest, ResellerRelationship, Subscription,
+    Topic, Transfer, TransferState, Verdict, fact::Kind, leaf_record,
+};
+use common::{TestServer, hash32, rfc9162};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const DAY: i64 = 86_400;
+const EPOCH: i64 = 1_767_225_600; // 2026-01-01
+
+type Compliance = ComplianceServiceClient<Channel>;
+
+fn at(day: i64, offset: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: EPOCH + day * DAY + offset,
+        nanos: 0,
+    }
+}
+
+struct Scenario {
+    ledger: common::Client,
+    compliance: Compliance,
+    facts: u64,
+}
+
+impl Scenario {
+    async fn new(address: &str) -> Scenario {
+        let channel = Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Scenario {
+            ledger: common::connect(address).await,
+            compliance: ComplianceServiceClient::new(channel),
+            facts: 0,
+        }
+    }
+
+    async fn fact(&mut self, day: i64, kind: Kind) -> u64 {
+        self.facts += 1;
+        self.compliance
+            .record_fact(RecordFactRequest {
+                fact: Some(Fact {
+                    fact_id: format!("fact-{}", self.facts),
+                    effective_at: Some(at(day, 0)),
+                    kind: Some(kind),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .index
+    }
+
+    async fn party(&mut self, id: &str, kind: PartyKind) -> u64 {
+        self.fact(
+            0,
+            Kind::Party(Party {
+                party_id: id.into(),
+                kind: kind as i32,
+                display_name: format!("{id} Ltd"),
+            }),
+        )
+        .await
+    }
+
+    async fn reseller(&mut self, day: i64, customer: &str, partner: &str, active: bool) -> u64 {
+        self.fact(
+            day,
+            Kind::ResellerRelationship(ResellerRelationship {
+                customer_id: customer.into(),
+                partner_id: partner.into(),
+                active,
+            }),
+        )
+        .await
+    }
+
+    async fn send(&mut self, message: Message<'_>) -> (u64, Assessment) {
+        let Message {
+            n,
+            sender,
+            customer,
+            topic,
+            subscription,
+            product,
+            day,
+        } = message;
+        let response = self
+            .ledger
+            .append(AppendRequest {
+                communication: Some(Communication {
+                    message_id: format!("m-{n}"),
+                    sender_id: sender.into(),
+                    customer_id: customer.into(),
+                    topic: topic as i32,
+                    channel: "email".into(),
+                    sent_at: Some(at(day, n)),
+                    subject: format!("Message {n}"),
+                    body: format!("Body of message {n}").into_bytes(),
+                    attributes: Default::default(),
+                    subscription_id: subscription.into(),
+                    product_id: product.into(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (
+            response.index,
+            response
+                .assessment
+                .expect("appends carry the verdict at ingestion"),
+        )
+    }
+
+    async fn check(
+        &mut self,
+        sender: &str,
+        customer: &str,
+        topic: Topic,
+        subscription: &str,
+        day: i64,
+        as_of: u64,
+    ) -> Assessment {
+        self.compliance
+            .check_sender(CheckSenderRequest {
+                sender_id: sender.into(),
+                customer_id: customer.into(),
+                topic: topic as i32,
+                subscription_id: subscription.into(),
+                product_id: String::new(),
+                at: Some(at(day, 0)),
+                as_of_tree_size: as_of,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .assessment
+            .unwrap()
+    }
+
+    async fn tree_size(&mut self) -> u64 {
+        self.ledger
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .checkpoint
+            .unwrap()
+            .size
+    }
+
+    /// Every page of a violations listing, concatenated, as (message id, rule).
+    async fn violations(&mut self, request: ListViolationsRequest) -> Vec<(String, String)> {
+        let mut request = request;
+        let mut all = Vec::new();
+        loop {
+            let page = self
+                .compliance
+                .list_violations(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                page.violations.len() <= request.page_size.max(1) as usize
+                    || request.page_size == 0
+            );
+            for violation in page.violations {
+                let record = violation.entry.unwrap().record.unwrap().record.unwrap();
+                let leaf_record::Record::Communication(c) = record else {
+                    panic!("not a communication")
+                };
+                all.push((c.message_id, violation.assessment.unwrap().rule));
+            }
+            if page.next_page_token.is_empty() {
+                return all;
+            }
+            request.page_token = page.next_page_token;
+        }
+    }
+
+    async fn communications(&mut self, request: ListCommunicationsRequest) -> Vec<String> {
+        let mut request = request;
+        let mut all = Vec::new();
+        loop {
+            let page = self
+                .compliance
+                .list_communications(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            for entry in page.entries {
+                let leaf_record::Record::Communication(c) = entry.record.unwrap().record.unwrap()
+                else {
+                    panic!("not a communication")
+                };
+                all.push(c.message_id);
+            }
+            if page.next_page_token.is_empty() {
+                return all;
+            }
+            request.page_token = page.next_page_token;
+        }
+    }
+}
+
+/// A planned communication and the verdict it must get: number, sender, customer, topic,
+/// subscription, product, day, rule, verdict.
+type Planned = (
+    i64,
+    &'static str,
+    &'static str,
+    Topic,
+    &'static str,
+    &'static str,
+    i64,
+    &'static str,
+    Verdict,
+);
+
+/// A communication of the scenario: number, sender, customer, topic, about, day sent.
+struct Message<'a> {
+    n: i64,
+    sender: &'a str,
+    customer: &'a str,
+    topic: Topic,
+    subscription: &'a str,
+    product: &'a str,
+    day: i64,
+}
+
+fn rule_and_verdict(assessment: &Assessment) -> (&str, Verdict) {
+    (
+        assessment.rule.as_str(),
+        Verdict::try_from(assessment.verdict).unwrap(),
+    )
+}
+
+/// Records the scenario; returns the communications' expected (message id, rule, verdict).
+async fn record_scenario(s: &mut Scenario) -> Vec<(String, &'static str, Verdict)> {
+    s.party("msft", PartyKind::Vendor).await;
+    s.party("contoso", PartyKind::DirectBillPartner).await;
+    s.party("tdsynnex", PartyKind::IndirectProvider).await;
+    s.party("fabrikam", PartyKind::IndirectReseller).await;
+    s.party("litware", PartyKind::IndirectReseller).await;
+    s.party("adatum", PartyKind::DirectBillPartner).await;
+    // c-alpha: contoso bills sub-a1, which moves to litware (started day 10, completed day 20);
+    // contoso's relationship ends on day 30.
+    s.reseller(1, "c-alpha", "contoso", true).await;
+    s.fact(
+        1,
+        Kind::Subscription(Subscription {
+            subscription_id: "sub-a1".into(),
+            customer_id: "c-alpha".into(),
+            biller_id: "contoso".into(),
+            support_contact_id: String::new(),
+            provider_id: String::new(),
+            active: true,
+        }),
+    )
+    .await;
+    s.reseller(10, "c-alpha", "litware", true).await;
+    let transfer = |state: TransferState| {
+        Kind::Transfer(Transfer {
+            subscription_id: "sub-a1".into(),
+            from_partner_id: "contoso".into(),
+            to_partner_id: "litware".into(),
+            state: state as i32,
+        })
+    };
+    s.fact(10, transfer(TransferState::Started)).await;
+    s.fact(20, transfer(TransferState::Completed)).await;
+    s.reseller(30, "c-alpha", "contoso", false).await;
+    // c-beta: two-tier, fabrikam bills sub-b1, tdsynnex provides and supports it.
+    s.reseller(1, "c-beta", "fabrikam", true).await;
+    s.reseller(1, "c-beta", "tdsynnex", true).await;
+    s.fact(
+        1,
+        Kind::Subscription(Subscription {
+            subscription_id: "sub-b1".into(),
+            customer_id: "c-beta".into(),
+            biller_id: "fabrikam".into(),
+            support_contact_id: "tdsynnex".into(),
+            provider_id: "tdsynnex".into(),
+            active: true,
+        }),
+    )
+    .await;
+    // c-gamma: a direct agreement for dynamics-365, no partner.
+    s.fact(
+        1,
+        Kind::DirectAgreement(DirectAgreement {
+            customer_id: "c-gamma".into(),
+            product_id: "dynamics-365".into(),
+            active: true,
+        }),
+    )
+    .await;
+
+    use Topic::*;
+    let plan: Vec<Planned> = vec![
+        (
+            1,
+            "contoso",
+            "c-alpha",
+            Commercial,
+            "sub-a1",
+            "",
+            5,
+            "BILLER",
+            Verdict::Allowed,
+        ),
+        (
+            2,
+            "msft",
+            "c-alpha",
+            Commercial,
+            "sub-a1",
+            "",
+            6,
+            "VENDOR-CSP",
+            Verdict::Violation,
+        ),
+        (
+            3,
+            "msft",
+            "c-alpha",
+            Operational,
+            "",
+            "",
+            7,
+            "OPS",
+            Verdict::Allowed,
+        ),
+        (
+            4,
+            "litware",
+            "c-alpha",
+            Commercial,
+            "sub-a1",
+            "",
+            12,
+            "TRANSFER-PENDING",
+            Verdict::Violation,
+        ),
+        (
+            5,
+            "litware",
+            "c-alpha",
+            Transition,
+            "sub-a1",
+            "",
+            13,
+            "TRANSITION",
+            Verdict::Allowed,
+        ),
+        (
+            6,
+            "contoso",
+            "c-alpha",
+            Commercial,
+            "sub-a1",
+            "",
+            22,
+            "FORMER-PARTNER",
+            Verdict::Violation,
+        ),
+        (
+            7,
+            "litware",
+            "c-alpha",
+            Support,
+            "sub-a1",
+            "",
+            23,
+            "BILLER",
+            Verdict::Allowed,
+        ),
+        (
+            8,
+            "tdsynnex",
+            "c-beta",
+            Commercial,
+            "sub-b1",
+            "",
+            5,
+            "NOT-BILLER",
+            Verdict::Violation,
+        ),
+        (
+            9,
+            "tdsynnex",
+            "c-beta",
+            Support,
+            "sub-b1",
+            "",
+            5,
+            "SUPPORT-CONTACT",
+            Verdict::Allowed,
+        ),
+        (
+            10,
+            "msft",
+            "c-gamma",
+            Commercial,
+            "",
+            "dynamics-365",
+            5,
+            "VENDOR-DIRECT",
+            Verdict::Allowed,
+        ),
+        (
+            11,
+            "msft",
+            "c-gamma",
+            General,
+            "",
+            "azure-sphere",
+            5,
+            "VENDOR-NO-DIRECT",
+            Verdict::Review,
+        ),
+        (
+            12,
+            "spoofer",
+            "c-beta",
+            General,
+            "",
+            "",
+            5,
+            "UNKNOWN-SENDER",
+            Verdict::Violation,
+        ),
+        (
+            13,
+            "adatum",
+            "c-beta",
+            General,
+            "",
+            "",
+            6,
+            "NOT-A-PARTNER",
+            Verdict::Violation,
+        ),
+        (
+            14,
+            "contoso",
+            "c-alpha",
+            General,
+            "",
+            "",
+            31,
+            "FORMER-PARTNER",
+            Verdict::Violation,
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (n, sender, customer, topic, subscription, product, day, rule, verdict) in plan {
+        let (_, assessment) = s
+            .send(Message {
+                n,
+                sender,
+                customer,
+                topic,
+                subscription,
+                product,
+                day,
+            })
+            .await;
+        assert_eq!(
+            rule_and_verdict(&assessment),
+            (rule, verdict),
+            "message {n}: {}",
+            assessment.explanation
+        );
+        assert_eq!(assessment.policy_version, "domain-table/1");
+        expected.push((format!("m-{n}"), rule, verdict));
+    }
+    expected
+}
+
+fn ids(list: &[(String, String)]) -> Vec<&str> {
+    list.iter().map(|(id, _)| id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn scenario_answers_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_scenario(&mut s).await;
+
+    // CheckSender before sending, at several instants.
+    let check = s
+        .check("contoso", "c-alpha", Topic::Commercial, "sub-a1", 15, 0)
+        .await;
+    assert_eq!(rule_and_verdict(&check), ("BILLER", Verdict::Allowed));
+    assert!(!check.evidence.is_empty());
+    let check = s
+        .check("litware", "c-alpha", Topic::Commercial, "sub-a1", 21, 0)
+        .await;
+    assert_eq!(rule_and_verdict(&check), ("BILLER", Verdict::Allowed));
+    let check = s
+        .check("unknown-co", "c-alpha", Topic::General, "", 21, 0)
+        .await;
+    assert_eq!(
+        rule_and_verdict(&check),
+        ("UNKNOWN-SENDER", Verdict::Violation)
+    );
+    assert_eq!(check.tree_size, s.tree_size().await);
+
+    // Every violation, oldest sent_at first, paged by 2.
+    let all = s
+        .violations(ListViolationsRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        ids(&all),
+        ["m-8", "m-12", "m-2", "m-13", "m-4", "m-6", "m-14"]
+    );
+    assert_eq!(all[0].1, "NOT-BILLER");
+    let with_review = s
+        .violations(ListViolationsRequest {
+            include_review: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        ids(&with_review),
+        ["m-8", "m-11", "m-12", "m-2", "m-13", "m-4", "m-6", "m-14"]
+    );
+    let alpha = s
+        .violations(ListViolationsRequest {
+            customer_id: "c-alpha".into(),
+            page_size: 3,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(ids(&alpha), ["m-2", "m-4", "m-6", "m-14"]);
+    let contoso = s
+        .violations(ListViolationsRequest {
+            sender_id: "contoso".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(ids(&contoso), ["m-6", "m-14"]);
+    let former = s
+        .violations(ListViolationsRequest {
+            rule: "FORMER-PARTNER".into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(ids(&former), ["m-6", "m-14"]);
+    let window = s
+        .violations(ListViolationsRequest {
+            from: Some(at(10, 0)),
+            to: Some(at(25, 0)),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(ids(&window), ["m-4", "m-6"]);
+
+    // Communications: by customer, topic and subscription, paged.
+    let alpha = s
+        .communications(ListCommunicationsRequest {
+            customer_id: "c-alpha".into(),
+            page_size: 3,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        alpha,
+        ["m-1", "m-2", "m-3", "m-4", "m-5", "m-6", "m-7", "m-14"]
+    );
+    let commercial = s
+        .communications(ListCommunicationsRequest {
+            customer_id: "c-alpha".into(),
+            topic: Topic::Commercial as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(commercial, ["m-1", "m-2", "m-4", "m-6"]);
+    let beta_sub = s
+        .communications(ListCommunicationsRequest {
+            subscription_id: "sub-b1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(beta_sub, ["m-8", "m-9"]);
+    let by_sender_and_time = s
+        .communications(ListCommunicationsRequest {
+            sender_id: "msft".into(),
+            from: Some(at(6, 0)),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(by_sender_and_time, ["m-2", "m-3"]);
+    let everything = s
+        .communications(ListCommunicationsRequest {
+            page_size: 5,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(everything.len(), 14);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_fact_changes_todays_answer_but_not_the_answer_as_of_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_scenario(&mut s).await;
+    let then = s.tree_size().await;
+    let before = s.check("adatum", "c-beta", Topic::General, "", 6, 0).await;
+    assert_eq!(
+        rule_and_verdict(&before),
+        ("NOT-A-PARTNER", Verdict::Violation)
+    );
+
+    // Recorded today, effective since day 1: adatum was a partner of record of c-beta all along.
+    let late = s.reseller(1, "c-beta", "adatum", true).await;
+    let now = s.check("adatum", "c-beta", Topic::General, "", 6, 0).await;
+    assert_eq!(
+        rule_and_verdict(&now),
+        ("PARTNER-OF-RECORD", Verdict::Allowed)
+    );
+    assert!(now.evidence.contains(&late));
+    let as_of_then = s
+        .check("adatum", "c-beta", Topic::General, "", 6, then)
+        .await;
+    assert_eq!(
+        as_of_then,
+        Assessment {
+            tree_size: then,
+            ..before.clone()
+        }
+    );
+
+    let today = s.violations(ListViolationsRequest::default()).await;
+    assert!(!ids(&today).contains(&"m-13"));
+    let back_then = s
+        .violations(ListViolationsRequest {
+            as_of_tree_size: then,
+            page_size: 2,
+            ..Default::default()
+        })
+        .await;
+    assert!(ids(&back_then).contains(&"m-13"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn evidence_is_provable_and_re_derives_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_scenario(&mut s).await;
+    let verifier_key = audit_ledger::keys::load(&dir.path().join("signing.key"))
+        .unwrap()
+        .verifier_key();
+
+    let question = audit_ledger::policy::Question {
+        sender_id: "contoso".into(),
+        customer_id: "c-alpha".into(),
+        topic: audit_ledger::policy::Topic::Commercial,
+        subscription_id: "sub-a1".into(),
+        product_id: String::new(),
+        at: audit_ledger::ledger::time::Timestamp {
+            seconds: EPOCH + 22 * DAY,
+            nanos: 0,
+        },
+    };
+    let answer = s
+        .check("contoso", "c-alpha", Topic::Commercial, "sub-a1", 22, 0)
+        .await;
+    assert_eq!(
+        rule_and_verdict(&answer),
+        ("FORMER-PARTNER", Verdict::Violation)
+    );
+
+    // The signed checkpoint the answer can be proven against.
+    let checkpoint = s
+        .ledger
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    let verifier = signed_note::StandardVerifier::new(&verifier_key).unwrap();
+    signed_note::Note::from_bytes(checkpoint.note.as_bytes())
+        .unwrap()
+        .verify(&signed_note::VerifierList::new(vec![Box::new(verifier)]))
+        .expect("checkpoint signature");
+    let root = hash32(&checkpoint.root_hash);
+
+    let mut facts = Vec::new();
+    for &index in &answer.evidence {
+        assert!(index < answer.tree_size);
+        let entry = s
+            .ledger
+            .get_entry(GetEntryRequest { index })
+            .await
+            .unwrap()
+            .into_inner()
+            .entry
+            .unwrap();
+        let proof = s
+            .ledger
+            .get_inclusion_proof(GetInclusionProofRequest {
+                index,
+                tree_size: checkpoint.size,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let leaf_hash = rfc9162::leaf_hash(&entry.leaf);
+        assert!(rfc9162::verify_inclusion(
+            index,
+            checkpoint.size,
+            &leaf_hash,
+            &proof.hashes,
+            &root
+        ));
+        // Decode the fact from the proven leaf bytes themselves.
+        use prost::Message;
+        let record = audit_ledger::proto::LeafRecord::decode(entry.leaf.as_slice()).unwrap();
+        let Some(leaf_record::Record::Fact(fact)) = record.record else {
+            panic!("evidence {index} is not a fact");
+        };
+        facts.push(audit_ledger::records::fact::to_policy(index, &fact).unwrap());
+    }
+    // The evidence alone re-derives the verdict.
+    let rederived = audit_ledger::policy::assess(&question, &facts);
+    assert_eq!(rederived.rule.name(), answer.rule);
+    assert_eq!(rederived.evidence, answer.evidence);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reindex_gives_identical_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_scenario(&mut s).await;
+    let violations = s
+        .violations(ListViolationsRequest {
+            include_review: true,
+            ..Default::default()
+        })
+        .await;
+    let communications = s.communications(ListCommunicationsRequest::default()).await;
+    let check = s
+        .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
+        .await;
+    drop(s);
+    server.stop().await;
+
+    // Damage the derived indexes behind the server's back: c-alpha's facts vanish.
+    {
+        use audit_ledger::storage::IndexStore;
+        let store = audit_ledger::storage::SledStore::open(
+            &dir.path().join(audit_ledger::server::STORE_DIR_NAME),
+            1 << 20,
+        )
+        .unwrap();
+        let index = store.index().unwrap();
+        let prefix = audit_ledger::compliance::index::list_prefix(b'F', b'c', "c-alpha");
+        let end = audit_ledger::compliance::index::prefix_end(&prefix);
+        let keys = index.range(&prefix, &end, usize::MAX).unwrap();
+        assert!(!keys.is_empty());
+        index
+            .apply(keys.into_iter().map(|(key, _)| (key, None)).collect())
+            .unwrap();
+        store.raw().flush().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    let damaged = s
+        .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
+        .await;
+    assert_ne!(damaged, check, "the answers come from the indexes");
+    drop(s);
+    server.stop().await;
+
+    let output = std::process::Command::new(common::binary())
+        .args(["reindex", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("reindexed 30 entries"),
+        "{output:?}"
+    );
+
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    assert_eq!(
+        s.violations(ListViolationsRequest {
+            include_review: true,
+            ..Default::default()
+        })
+        .await,
+        violations
+    );
+    assert_eq!(
+        s.communications(ListCommunicationsRequest::default()).await,
+        communications
+    );
+    assert_eq!(
+        s.check("litware", "c-alpha", Topic::Transition, "", 12, 0)
+            .await,
+        check
+    );
+    assert_eq!(rule_and_verdict(&check), ("TRANSITION", Verdict::Allowed));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_compliance_input_is_invalid_argument_and_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    s.party("contoso", PartyKind::DirectBillPartner).await;
+    let size = s.tree_size().await;
+
+    let good = || Fact {
+        fact_id: "f-x".into(),
+        effective_at: Some(at(1, 0)),
+        kind: Some(Kind::Party(Party {
+            party_id: "p".into(),
+            kind: PartyKind::Vendor as i32,
+            display_name: String::new(),
+        })),
+    };
+    let cases: Vec<(&str, Option<Fact>)> = vec![
+        ("fact", None),
+        (
+            "fact.fact_id",
+            Some(Fact {
+                fact_id: String::new(),
+                ..good()
+            }),
+        ),
+        (
+            "fact.effective_at",
+            Some(Fact {
+                effective_at: None,
+                ..good()
+            }),
+        ),
+        (
+            "fact.kind",
+            Some(Fact {
+                kind: None,
+                ..good()
+            }),
+        ),
+        (
+            "fact.party.kind",
+            Some(Fact {
+                kind: Some(Kind::Party(Party {
+                    party_id: "p".into(),
+                    kind: 99,
+                    display_name: String::new(),
+                })),
+                ..good()
+            }),
+        ),
+        (
+            "fact.reseller_relationship.customer_id",
+            Some(Fact {
+                kind: Some(Kind::ResellerRelationship(ResellerRelationship {
+                    customer_id: String::new(),
+                    partner_id: "p".into(),
+                    active: true,
+                })),
+                ..good()
+            }),
+        ),
+        (
+            "fact.transfer.subscription_id",
+            Some(Fact {
+                kind: Some(Kind::Transfer(Transfer {
+                    subscription_id: "no-such-subscription".into(),
+                    from_partner_id: "a".into(),
+                    to_partner_id: "b".into(),
+                    state: TransferState::Started as i32,
+                })),
+                ..good()
+            }),
+        ),
+    ];
+    for (field, fact) in cases {
+        let status = s
+            .compliance
+            .record_fact(RecordFactRequest { fact })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    assert_eq!(s.tree_size().await, size, "nothing recorded");
+
+    // Facts are idempotent by fact_id.
+    let first = s
+        .compliance
+        .record_fact(RecordFactRequest { fact: Some(good()) })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = s
+        .compliance
+        .record_fact(RecordFactRequest { fact: Some(good()) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate && again.index == first.index);
+    let conflict = s
+        .compliance
+        .record_fact(RecordFactRequest {
+            fact: Some(Fact {
+                effective_at: Some(at(2, 0)),
+                ..good()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+
+    let check = |sender: &str, topic: i32, as_of: u64| CheckSenderRequest {
+        sender_id: sender.into(),
+        customer_id: "c".into(),
+        topic,
+        subscription_id: String::new(),
+        product_id: String::new(),
+        at: None,
+        as_of_tree_size: as_of,
+    };
+    for (request, field) in [
+        (check("", Topic::General as i32, 0), "sender_id"),
+        (check("contoso", 0, 0), "topic"),
+        (check("contoso", 42, 0), "topic"),
+        (
+            check("contoso", Topic::General as i32, 1_000_000),
+            "as_of_tree_size",
+        ),
+    ] {
+        let status = s.compliance.check_sender(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    // An unknown sender is an answer, not an error; `at` unset means now.
+    let unknown = s
+        .compliance
+        .check_sender(check("nobody", Topic::General as i32, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unknown.assessment.unwrap().rule, "UNKNOWN-SENDER");
+
+    for (request, field) in [
+        (
+            ListViolationsRequest {
+                page_token: "forged".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            ListViolationsRequest {
+                rule: "NOT-A-RULE".into(),
+                ..Default::default()
+            },
+            "rule",
+        ),
+        (
+            ListViolationsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            ListViolationsRequest {
+                as_of_tree_size: 1_000_000,
+                ..Default::default()
+            },
+            "as_of_tree_size",
+        ),
+        (
+            ListViolationsRequest {
+                from: Some(at(5, 0)),
+                to: Some(at(4, 0)),
+                ..Default::default()
+            },
+            "to",
+        ),
+    ] {
+        let status = s.compliance.list_violations(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    // A token issued for another listing (or other filters) is refused too.
+    for n in 0..3 {
+        s.send(Message {
+            n,
+            sender: "contoso",
+            customer: "c",
+            topic: Topic::General,
+            subscription: "",
+            product: "",
+            day: 1,
+        })
+        .await;
+    }
+    let page = s
+        .compliance
+        .list_communications(ListCommunicationsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!page.next_page_token.is_empty());
+    let status = s
+        .compliance
+        .list_violations(ListViolationsRequest {
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = s
+        .compliance
+        .list_communications(ListCommunicationsRequest {
+            customer_id: "other".into(),
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().starts_with("page_token"));
+    server.stop().await;
+}
