@@ -521,6 +521,69 @@ async fn scenario_answers_one_by_one() {
     );
     assert_eq!(check.tree_size, s.tree_size().await);
 
+    // The remaining examples of docs/COMPLIANCE.md.
+    let examples = [
+        (
+            "msft",
+            "c-gamma",
+            Topic::General,
+            "",
+            5,
+            "VENDOR-DIRECT-CUSTOMER",
+            Verdict::Allowed,
+        ),
+        (
+            "msft",
+            "c-alpha",
+            Topic::General,
+            "",
+            5,
+            "VENDOR-GENERAL",
+            Verdict::Violation,
+        ),
+        (
+            "tdsynnex",
+            "c-beta",
+            Topic::General,
+            "sub-b1",
+            5,
+            "MULTI-PARTNER",
+            Verdict::Allowed,
+        ),
+        (
+            "tdsynnex",
+            "c-beta",
+            Topic::General,
+            "",
+            5,
+            "PARTNER-OF-RECORD",
+            Verdict::Allowed,
+        ),
+    ];
+    for (sender, customer, topic, subscription, day, rule, verdict) in examples {
+        let answer = s.check(sender, customer, topic, subscription, day, 0).await;
+        assert_eq!(
+            rule_and_verdict(&answer),
+            (rule, verdict),
+            "{sender} -> {customer}"
+        );
+    }
+    // The worked answer of docs/COMPLIANCE.md: contoso's party (1), the subscription fact
+    // that made it the biller (7), the completed transfer that moved sub-a1 away (10).
+    let former = s
+        .check("contoso", "c-alpha", Topic::Commercial, "sub-a1", 22, 0)
+        .await;
+    assert_eq!(
+        rule_and_verdict(&former),
+        ("FORMER-PARTNER", Verdict::Violation)
+    );
+    assert_eq!(former.evidence, vec![1, 7, 10]);
+    assert_eq!(
+        former.explanation,
+        "subscription sub-a1 moved away from contoso"
+    );
+    assert_eq!(former.tree_size, 30);
+
     // Every violation, oldest sent_at first, paged by 2.
     let all = s
         .violations(ListViolationsRequest {
