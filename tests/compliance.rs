@@ -893,7 +893,20 @@ async fn reindex_gives_identical_answers() {
         check
     );
     assert_eq!(rule_and_verdict(&check), ("TRANSITION", Verdict::Allowed));
+    drop(s);
     server.stop().await;
+
+    // Facts verify like every other entry.
+    let output = std::process::Command::new(common::binary())
+        .args(["verify", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.starts_with("ok: 30 entries"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

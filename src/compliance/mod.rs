@@ -360,16 +360,16 @@ impl Compliance {
                     index: index + 1,
                 };
                 start = at(&instant, Some(index + 1));
-                if index >= tree_size {
-                    continue;
-                }
-                let entry = self.ledger.entry(index)?;
-                let Some(record) = communication_record(&entry) else {
-                    continue;
-                };
-                if matches(filter, &record) {
-                    if let Some(item) = visit(entry, &record)? {
-                        items.push(item);
+                // Entries at or past the tree size (not yet published, or after an
+                // as_of_tree_size) do not exist for this listing.
+                if index < tree_size {
+                    let entry = self.ledger.entry(index)?;
+                    if let Some(record) = communication_record(&entry) {
+                        if matches(filter, &record) {
+                            if let Some(item) = visit(entry, &record)? {
+                                items.push(item);
+                            }
+                        }
                     }
                 }
                 if items.len() >= page_size || scanned >= self.limits.max_scan_per_page {
