@@ -153,6 +153,7 @@ fn main() {
             ),
             "fact",
             &limits,
+            "bench",
         )
         .unwrap(),
     ];
@@ -168,6 +169,7 @@ fn main() {
                 fact(1_000_000_000 + p, 0, Kind::Party(party)),
                 "fact",
                 &limits,
+                "bench",
             )
             .unwrap(),
         );
@@ -178,7 +180,7 @@ fn main() {
         .collect();
     for customer in 0..customers {
         for f in customer_facts(customer, partners_of[customer as usize], &mut next_id) {
-            pending.push(prepare_fact(f, "fact", &limits).unwrap());
+            pending.push(prepare_fact(f, "fact", &limits, "bench").unwrap());
         }
         if pending.len() >= 2_000 {
             runtime

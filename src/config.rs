@@ -54,10 +54,33 @@ pub struct ServerConfig {
     pub max_group_records: usize,
     /// sled page cache, in bytes.
     pub cache_bytes: u64,
+    /// Principals and their credentials; `None` runs without authentication, which is only
+    /// allowed on a loopback address.
+    pub auth_file: Option<PathBuf>,
+    /// TLS for the gRPC port.
+    pub tls: Option<TlsFiles>,
+    /// Allow a non-loopback address without authentication and TLS.
+    pub insecure: bool,
+    /// Requests in flight at once, over all connections; beyond it calls are answered
+    /// `RESOURCE_EXHAUSTED` at once (load shedding), not queued.
+    pub max_in_flight: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// A call that takes longer is cancelled.
+    pub request_timeout: std::time::Duration,
     /// Page sizes and scan budgets of the compliance listings.
     pub query_limits: crate::compliance::QueryLimits,
     /// How long a shutdown waits for in-flight calls before closing connections.
     pub shutdown_grace: std::time::Duration,
+}
+
+/// PEM files of the server's TLS identity, and of the CA that signs client certificates
+/// (mTLS, optional: clients may still authenticate with a bearer token).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Origin used when neither `--origin` nor an existing key names the log.
@@ -79,6 +102,12 @@ impl ServerConfig {
             cache_bytes: 256 * 1024 * 1024,
             shutdown_grace: std::time::Duration::from_secs(10),
             query_limits: crate::compliance::QueryLimits::default(),
+            auth_file: None,
+            tls: None,
+            insecure: false,
+            max_in_flight: 1024,
+            max_concurrent_streams: 256,
+            request_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

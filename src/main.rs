@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use audit_ledger::config::ServerConfig;
+use audit_ledger::config::{ServerConfig, TlsFiles};
 use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
 use audit_ledger::server::{self, STORE_DIR_NAME, Server};
@@ -37,6 +37,27 @@ enum Command {
     Verify(VerifyArgs),
     /// Rebuild a stopped ledger's derived indexes from its entries alone.
     Reindex(KeyArgs),
+    /// Manage the principals of an auth file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Add a principal with a new bearer token; the token is printed once, alone on the last line.
+    Add {
+        /// Principal name (recorded as submitted_by on what it submits).
+        name: String,
+        /// writer, auditor or admin.
+        #[arg(long)]
+        role: audit_ledger::auth::Role,
+        /// The auth file (TOML), created 0600 if missing.
+        #[arg(long, env = "AUDIT_LEDGER_AUTH_FILE")]
+        auth_file: PathBuf,
+        /// Sender ids a writer may submit communications for (comma-separated); default any.
+        #[arg(long, value_delimiter = ',')]
+        senders: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -75,6 +96,35 @@ struct ServeArgs {
     /// sled page cache size, in bytes.
     #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     cache_bytes: u64,
+    /// Principals and credentials (TOML); without it the server is unauthenticated and
+    /// loopback only.
+    #[arg(long, env = "AUDIT_LEDGER_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
+    /// Server certificate chain (PEM); enables TLS.
+    #[arg(long, env = "AUDIT_LEDGER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "AUDIT_LEDGER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates may authenticate (mTLS).
+    #[arg(long, env = "AUDIT_LEDGER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow a non-loopback address without authentication and TLS.
+    #[arg(long, env = "AUDIT_LEDGER_INSECURE")]
+    insecure: bool,
+    /// Requests in flight at once before new ones are shed with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_IN_FLIGHT", default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(
+        long,
+        env = "AUDIT_LEDGER_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256
+    )]
+    max_concurrent_streams: u32,
+    /// Seconds after which a call is cancelled.
+    #[arg(long, env = "AUDIT_LEDGER_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    request_timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -100,6 +150,12 @@ fn main() -> ExitCode {
         Command::VerifierKey(args) => verifier_key(args),
         Command::Verify(args) => verify(args),
         Command::Reindex(args) => reindex(args),
+        Command::Token(TokenCommand::Add {
+            name,
+            role,
+            auth_file,
+            senders,
+        }) => token_add(&name, role, &auth_file, senders),
     };
     match result {
         Ok(code) => code,
@@ -119,6 +175,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_message_bytes = args.max_message_bytes;
     config.max_list_entries = args.max_list_entries;
     config.cache_bytes = args.cache_bytes;
+    config.auth_file = args.auth_file;
+    config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
+        cert,
+        key,
+        client_ca: args.tls_client_ca,
+    });
+    config.insecure = args.insecure;
+    config.max_in_flight = args.max_in_flight;
+    config.max_concurrent_streams = args.max_concurrent_streams;
+    config.request_timeout = std::time::Duration::from_secs(args.request_timeout_secs.max(1));
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -187,6 +253,22 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn token_add(
+    name: &str,
+    role: audit_ledger::auth::Role,
+    auth_file: &std::path::Path,
+    senders: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let token = audit_ledger::auth::add_token(auth_file, name, role, senders)?;
+    println!(
+        "added principal {name} (role {role}) to {}",
+        auth_file.display()
+    );
+    println!("the token follows; it is shown only this once and not stored:");
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn reindex(args: KeyArgs) -> anyhow::Result<ExitCode> {

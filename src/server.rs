@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::auth::Authenticator;
+use crate::grpc::middleware::GateLayer;
 
 use crate::compliance::Compliance;
 use crate::compliance::index::ComplianceIndexer;
@@ -23,6 +27,10 @@ pub const STORE_DIR_NAME: &str = "store";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("{0}")]
+    Config(String),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     #[error("signing key: {0}")]
     Key(#[from] KeyError),
     #[error("store: {0}")]
@@ -37,13 +45,49 @@ pub enum ServerError {
 pub struct Server {
     ledger: Ledger,
     compliance: Compliance,
+    authenticator: Option<Arc<Authenticator>>,
     config: ServerConfig,
+}
+
+/// Refuses configurations that would expose the ledger: no authentication, or tokens in
+/// clear text, on an address other hosts can reach (unless `insecure`).
+fn check_exposure(config: &ServerConfig) -> Result<(), ServerError> {
+    let loopback = config.listen.ip().is_loopback();
+    if config.auth_file.is_none() {
+        if !loopback && !config.insecure {
+            return Err(ServerError::Config(format!(
+                "refusing to listen on {} without --auth-file and TLS (anyone could write); \
+                 use a loopback address, configure --auth-file and --tls-cert/--tls-key, or pass --insecure",
+                config.listen
+            )));
+        }
+        tracing::warn!(listen = %config.listen, "no --auth-file: every caller is trusted; loopback only");
+    } else if config.tls.is_none() && !loopback && !config.insecure {
+        return Err(ServerError::Config(format!(
+            "refusing to listen on {} with bearer tokens but no TLS (tokens would cross the network in clear); \
+             configure --tls-cert/--tls-key or pass --insecure",
+            config.listen
+        )));
+    }
+    if config.insecure && !loopback {
+        tracing::warn!(listen = %config.listen, "--insecure: serving a non-loopback address without the usual protections");
+    }
+    Ok(())
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|error| ServerError::Config(format!("{}: {error}", path.display())))
 }
 
 impl Server {
     /// Opens (creating on first start) the data dir, key, store and ledger. Fails, saying
     /// why, when the store does not match what the key signed.
     pub fn open(config: ServerConfig) -> Result<Server, ServerError> {
+        check_exposure(&config)?;
+        let authenticator = match &config.auth_file {
+            Some(path) => Some(Arc::new(Authenticator::load(path)?)),
+            None => None,
+        };
         keys::create_private_dir(&config.data_dir)?;
         let key_path = keys::key_path(&config.data_dir, config.signing_key.as_deref());
         let signer = keys::load_or_create(
@@ -79,6 +123,7 @@ impl Server {
         Ok(Server {
             ledger,
             compliance,
+            authenticator,
             config,
         })
     }
@@ -117,7 +162,30 @@ impl Server {
         // algorithm and the peer's delayed ACK add ~40 ms to a call.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = Arc::new(tokio::sync::Notify::new());
-        let serving = tonic::transport::Server::builder()
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<LedgerServiceServer<LedgerApi>>().await;
+        health
+            .set_serving::<ComplianceServiceServer<ComplianceApi>>()
+            .await;
+        let mut builder = tonic::transport::Server::builder()
+            .timeout(self.config.request_timeout)
+            .max_concurrent_streams(Some(self.config.max_concurrent_streams));
+        if let Some(tls) = &self.config.tls {
+            let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+            let mut tls_config = ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &tls.client_ca {
+                tls_config = tls_config
+                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(true);
+            }
+            builder = builder.tls_config(tls_config)?;
+        }
+        let serving = builder
+            .layer(GateLayer::new(
+                self.authenticator.clone(),
+                self.config.max_in_flight,
+            ))
+            .add_service(health_service)
             .add_service(ledger_service)
             .add_service(compliance_service)
             .serve_with_incoming_shutdown(incoming, {

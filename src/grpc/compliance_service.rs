@@ -2,6 +2,8 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::auth::Principal;
+
 use super::convert::{assessment_message, entry_message, timestamp};
 use super::status::to_status;
 use crate::compliance::{CommunicationFilter, Compliance, ViolationFilter};
@@ -92,6 +94,7 @@ impl ComplianceService for ComplianceApi {
         &self,
         request: Request<RecordFactRequest>,
     ) -> Result<Response<RecordFactResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let fact = request
             .into_inner()
             .fact
@@ -100,7 +103,13 @@ impl ComplianceService for ComplianceApi {
             Some(Kind::Transfer(transfer)) => Some(transfer.subscription_id.clone()),
             _ => None,
         };
-        let record = prepare_fact(fact, "fact", &self.config.record_limits).map_err(to_status)?;
+        let record = prepare_fact(
+            fact,
+            "fact",
+            &self.config.record_limits,
+            super::ledger_service::submitted_by(principal.as_ref()),
+        )
+        .map_err(to_status)?;
         if let Some(subscription_id) = transfer_of {
             if !self
                 .compliance

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{assessment_message, entry_message};
 use super::status::to_status;
+use crate::auth::Principal;
 use crate::compliance::Compliance;
 use crate::config::ServerConfig;
 use crate::ledger::{Appended, Ledger, LedgerError, SignedCheckpoint};
@@ -53,6 +54,28 @@ impl LedgerApi {
     }
 }
 
+/// The name recorded as `LeafRecord.submitted_by`.
+pub(super) fn submitted_by(principal: Option<&Principal>) -> &str {
+    principal.map_or("", |principal| principal.name.as_str())
+}
+
+/// A writer bound to sender ids may only submit communications for them.
+fn check_sender_binding(
+    principal: Option<&Principal>,
+    communication: &crate::proto::Communication,
+    field: &str,
+) -> Result<(), Status> {
+    match principal {
+        Some(principal) if !principal.may_send_as(&communication.sender_id) => {
+            Err(Status::permission_denied(format!(
+                "{field}.sender_id: principal {} may not submit for sender {:?}",
+                principal.name, communication.sender_id
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn checkpoint_message(checkpoint: &SignedCheckpoint) -> Checkpoint {
     Checkpoint {
         origin: checkpoint.origin.clone(),
@@ -81,14 +104,20 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let communication = request
             .into_inner()
             .communication
             .ok_or_else(|| Status::invalid_argument("communication: must be set"))?;
+        check_sender_binding(principal.as_ref(), &communication, "communication")?;
         let question = question_of(&communication);
-        let record =
-            prepare_communication(communication, "communication", &self.config.record_limits)
-                .map_err(to_status)?;
+        let record = prepare_communication(
+            communication,
+            "communication",
+            &self.config.record_limits,
+            submitted_by(principal.as_ref()),
+        )
+        .map_err(to_status)?;
         let appended = self.ledger.append(vec![record]).await.map_err(to_status)?;
         let appended = appended
             .into_iter()
@@ -106,6 +135,7 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<AppendBatchRequest>,
     ) -> Result<Response<AppendBatchResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let communications = request.into_inner().communications;
         if communications.is_empty() {
             return Err(Status::invalid_argument(
@@ -119,6 +149,13 @@ impl LedgerService for LedgerApi {
                 self.config.max_batch_records
             )));
         }
+        for (position, communication) in communications.iter().enumerate() {
+            check_sender_binding(
+                principal.as_ref(),
+                communication,
+                &format!("communications[{position}]"),
+            )?;
+        }
         let questions: Vec<_> = communications.iter().map(question_of).collect();
         let records = communications
             .into_iter()
@@ -128,6 +165,7 @@ impl LedgerService for LedgerApi {
                     communication,
                     &format!("communications[{position}]"),
                     &self.config.record_limits,
+                    submitted_by(principal.as_ref()),
                 )
             })
             .collect::<Result<Vec<_>, LedgerError>>()

@@ -4,6 +4,7 @@
 mod compliance_service;
 pub mod convert;
 mod ledger_service;
+pub mod middleware;
 pub mod status;
 
 pub use compliance_service::ComplianceApi;

@@ -76,6 +76,7 @@ pub fn prepare_communication(
     communication: Communication,
     field: &str,
     limits: &RecordLimits,
+    submitted_by: &str,
 ) -> Result<NewRecord, LedgerError> {
     let name = |sub: &str| format!("{field}.{sub}");
     validate::required_id(
@@ -177,6 +178,7 @@ pub fn prepare_communication(
     };
     // Only the record field is set: the ledger prepends index, prev_leaf_hash, recorded_at.
     let content = LeafRecord {
+        submitted_by: submitted_by.to_owned(),
         record: Some(leaf_record::Record::Communication(record)),
         ..LeafRecord::default()
     }
@@ -222,8 +224,13 @@ mod tests {
     /// header ‖ content is the canonical prost encoding of the whole LeafRecord.
     #[test]
     fn leaf_is_the_canonical_leaf_record_encoding() {
-        let prepared =
-            prepare_communication(sample(), "communication", &RecordLimits::default()).unwrap();
+        let prepared = prepare_communication(
+            sample(),
+            "communication",
+            &RecordLimits::default(),
+            "gateway-1",
+        )
+        .unwrap();
         let header = LeafHeader {
             index: 7,
             prev_leaf_hash: Hash([9u8; 32]),
@@ -237,6 +244,7 @@ mod tests {
         assert_eq!(decoded.index, 7);
         assert_eq!(decoded.prev_leaf_hash, vec![9u8; 32]);
         assert_eq!(decoded.recorded_at.unwrap().nanos, 42);
+        assert_eq!(decoded.submitted_by, "gateway-1");
         let Some(leaf_record::Record::Communication(record)) = &decoded.record else {
             panic!("no communication in the leaf");
         };
@@ -252,13 +260,13 @@ mod tests {
     #[test]
     fn same_content_same_bytes() {
         let limits = RecordLimits::default();
-        let a = prepare_communication(sample(), "c", &limits).unwrap();
-        let b = prepare_communication(sample(), "c", &limits).unwrap();
+        let a = prepare_communication(sample(), "c", &limits, "").unwrap();
+        let b = prepare_communication(sample(), "c", &limits, "").unwrap();
         assert_eq!(a.content, b.content);
         assert_eq!(a.idempotency_key, b.idempotency_key);
         let mut changed = sample();
         changed.body = b"other".to_vec();
-        let c = prepare_communication(changed, "c", &limits).unwrap();
+        let c = prepare_communication(changed, "c", &limits, "").unwrap();
         assert_eq!(a.idempotency_key, c.idempotency_key);
         assert_ne!(
             a.content, c.content,
@@ -303,7 +311,8 @@ mod tests {
         for (field, break_it) in cases {
             let mut communication = sample();
             break_it(&mut communication);
-            let error = prepare_communication(communication, "communication", &limits).unwrap_err();
+            let error =
+                prepare_communication(communication, "communication", &limits, "").unwrap_err();
             match error {
                 LedgerError::InvalidArgument { field: named, .. } => assert_eq!(named, field),
                 other => panic!("{field}: unexpected {other:?}"),

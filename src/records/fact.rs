@@ -29,6 +29,7 @@ pub fn prepare_fact(
     fact: proto::Fact,
     field: &str,
     limits: &RecordLimits,
+    submitted_by: &str,
 ) -> Result<NewRecord, LedgerError> {
     let name = |sub: &str| format!("{field}.{sub}");
     let max = limits.max_id_bytes;
@@ -108,6 +109,7 @@ pub fn prepare_fact(
     }
     let idempotency_key = idempotency_key(&fact.fact_id);
     let content = LeafRecord {
+        submitted_by: submitted_by.to_owned(),
         record: Some(leaf_record::Record::Fact(fact)),
         ..LeafRecord::default()
     }
@@ -234,7 +236,7 @@ mod tests {
         for (field, break_it) in cases {
             let mut fact = party_fact();
             break_it(&mut fact);
-            match prepare_fact(fact, "fact", &limits) {
+            match prepare_fact(fact, "fact", &limits, "") {
                 Err(LedgerError::InvalidArgument { field: named, .. }) => assert_eq!(named, field),
                 other => panic!("{field}: unexpected {other:?}"),
             }

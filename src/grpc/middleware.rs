@@ -1,0 +1,128 @@
+//! The gate every call passes before reaching a service: load shedding (a bound on requests
+//! in flight, answered `RESOURCE_EXHAUSTED` at once rather than queued), then
+//! authentication (`UNAUTHENTICATED`) and authorization by role (`PERMISSION_DENIED`).
+//! The authenticated [`Principal`] rides on the request's extensions to the handlers.
+//! Health checks and reflection pass freely.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::Semaphore;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tower::{Layer, Service};
+
+use crate::auth::{Authenticator, Principal, Rejection, is_open};
+
+#[derive(Clone)]
+pub struct GateLayer {
+    authenticator: Option<Arc<Authenticator>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl GateLayer {
+    /// `authenticator: None` lets every caller through unauthenticated (loopback mode).
+    pub fn new(authenticator: Option<Arc<Authenticator>>, max_in_flight: usize) -> Self {
+        GateLayer {
+            authenticator,
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        }
+    }
+}
+
+impl<S> Layer<S> for GateLayer {
+    type Service = Gate<S>;
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    layer: GateLayer,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+fn reject<E: Send + 'static>(status: Status) -> BoxFuture<http::Response<Body>, E> {
+    Box::pin(std::future::ready(Ok(status.into_http())))
+}
+
+impl<S, B> Service<http::Request<B>> for Gate<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The service that was polled ready is the one to call (tower's clone-and-swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = request.uri().path().to_owned();
+        if is_open(&path) {
+            return Box::pin(inner.call(request));
+        }
+        let Ok(permit) = self.layer.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!(%path, "load shed: in-flight limit reached");
+            return reject(Status::resource_exhausted(
+                "the server is at its limit of requests in flight; retry with backoff",
+            ));
+        };
+        if let Some(authenticator) = &self.layer.authenticator {
+            let authorization = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.as_bytes().to_vec());
+            let certificate = request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.peer_certs())
+                .and_then(|certs| certs.first().map(|cert| cert.as_ref().to_vec()));
+            let principal: Principal = match authenticator
+                .authenticate(authorization.as_deref(), certificate.as_deref())
+            {
+                Ok(principal) => principal.clone(),
+                Err(rejection) => {
+                    tracing::warn!(%path, ?rejection, "authentication failed");
+                    return reject(Status::unauthenticated(match rejection {
+                        Rejection::Missing => {
+                            "credentials required: authorization: Bearer <token>, or a client certificate"
+                        }
+                        Rejection::Malformed => "authorization must be 'Bearer <token>'",
+                        Rejection::Unknown => "unknown credentials",
+                    }));
+                }
+            };
+            if !principal.role.allows(&path) {
+                tracing::warn!(%path, principal = %principal.name, role = %principal.role, "permission denied");
+                return reject(Status::permission_denied(format!(
+                    "principal {} (role {}) may not call {path}",
+                    principal.name, principal.role
+                )));
+            }
+            request.extensions_mut().insert(principal);
+        }
+        let response = inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(permit);
+            response
+        })
+    }
+}
