@@ -126,3 +126,68 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    /// A service that holds every call until a permit is released for it.
+    fn held(
+        release: Arc<Semaphore>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future = BoxFuture<http::Response<Body>, Infallible>,
+    > + Clone {
+        tower::service_fn(move |_request: http::Request<()>| {
+            let release = release.clone();
+            Box::pin(async move {
+                release.acquire().await.unwrap().forget();
+                Ok::<_, Infallible>(http::Response::new(Body::default()))
+            }) as BoxFuture<_, _>
+        })
+    }
+
+    fn grpc_status(response: &http::Response<Body>) -> Option<String> {
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    fn call(path: &str) -> http::Request<()> {
+        http::Request::builder().uri(path).body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sheds_load_beyond_the_in_flight_limit_at_once() {
+        let release = Arc::new(Semaphore::new(0));
+        let mut gate = GateLayer::new(None, 2).layer(held(release.clone()));
+        let path = "/audit.ledger.v1.LedgerService/Append";
+        // Two calls take the two in-flight places (the permit is taken in `call`).
+        let first = tokio::spawn(gate.call(call(path)));
+        let second = tokio::spawn(gate.call(call(path)));
+        // The third is answered at once, without waiting for the others.
+        let shed = tokio::time::timeout(std::time::Duration::from_secs(1), gate.call(call(path)))
+            .await
+            .expect("shedding does not wait")
+            .unwrap();
+        assert_eq!(
+            grpc_status(&shed),
+            Some((tonic::Code::ResourceExhausted as i32).to_string())
+        );
+        // Health checks are never shed.
+        let health = tokio::spawn(gate.call(call("/grpc.health.v1.Health/Check")));
+        release.add_permits(3);
+        for task in [first, second, health] {
+            let response = task.await.unwrap().unwrap();
+            assert_eq!(grpc_status(&response), None, "passed through");
+        }
+        // Capacity is back once they finished.
+        release.add_permits(1);
+        let again = gate.call(call(path)).await.unwrap();
+        assert_eq!(grpc_status(&again), None);
+    }
+}

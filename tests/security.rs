@@ -1,0 +1,424 @@
+//! Who may do what: tokens, roles, sender binding, submitted_by, safe defaults, TLS and
+//! mTLS with certificates generated here, load shedding.
+
+mod common;
+
+use std::path::Path;
+
+use audit_ledger::config::{ServerConfig, TlsFiles};
+use audit_ledger::proto::compliance_service_client::ComplianceServiceClient;
+use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
+use audit_ledger::proto::{
+    AppendBatchRequest, AppendRequest, GetCheckpointRequest, GetEntryRequest,
+    ListViolationsRequest, leaf_record,
+};
+use audit_ledger::server::Server;
+use common::{TestServer, communication};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+type Ledger = LedgerServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn channel(address: &str) -> Channel {
+    Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn ledger_as(address: &str, token: Option<&str>) -> Ledger {
+    LedgerServiceClient::with_interceptor(channel(address).await, Bearer(token.map(str::to_owned)))
+}
+
+fn token_add(auth_file: &Path, name: &str, role: &str, senders: Option<&str>) -> String {
+    let mut command = std::process::Command::new(common::binary());
+    command
+        .args(["token", "add", name, "--role", role, "--auth-file"])
+        .arg(auth_file);
+    if let Some(senders) = senders {
+        command.args(["--senders", senders]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    // The token is alone on the last line.
+    stdout.lines().last().unwrap().to_owned()
+}
+
+struct Tokens {
+    writer: String,
+    bound: String,
+    auditor: String,
+    admin: String,
+}
+
+fn principals(dir: &Path) -> (std::path::PathBuf, Tokens) {
+    let auth_file = dir.join("auth.toml");
+    let tokens = Tokens {
+        writer: token_add(&auth_file, "mail-gateway", "writer", None),
+        bound: token_add(
+            &auth_file,
+            "contoso-gateway",
+            "writer",
+            Some("contoso-mail,contoso-billing"),
+        ),
+        auditor: token_add(&auth_file, "compliance-tool", "auditor", None),
+        admin: token_add(&auth_file, "ops", "admin", None),
+    };
+    (auth_file, tokens)
+}
+
+#[tokio::test]
+async fn tokens_and_roles_decide_who_may_call_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth_file, tokens) = principals(dir.path());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let stored = std::fs::read_to_string(&auth_file).unwrap();
+    assert!(
+        !stored.contains(&tokens.writer),
+        "the auth file holds digests, not tokens"
+    );
+
+    let mut config = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file);
+    let server = TestServer::start_with(config).await;
+    let address = server.address.clone();
+
+    // No credentials, a wrong token, a malformed header: UNAUTHENTICATED.
+    for token in [None, Some("alt_not-a-real-token")] {
+        let status = ledger_as(&address, token)
+            .await
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}");
+    }
+
+    // A writer appends but reads nothing.
+    let mut writer = ledger_as(&address, Some(&tokens.writer)).await;
+    let appended = writer
+        .append(AppendRequest {
+            communication: Some(communication("fabrikam-mail", 1)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for status in [
+        writer
+            .get_entry(GetEntryRequest { index: 0 })
+            .await
+            .unwrap_err(),
+        writer
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(
+            status.message().contains("mail-gateway"),
+            "{}",
+            status.message()
+        );
+    }
+
+    // An auditor reads but does not write.
+    let mut auditor = ledger_as(&address, Some(&tokens.auditor)).await;
+    let entry = auditor
+        .get_entry(GetEntryRequest {
+            index: appended.index,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    // The ledger itself says which system recorded the communication.
+    assert_eq!(entry.record.unwrap().submitted_by, "mail-gateway");
+    let status = auditor
+        .append(AppendRequest {
+            communication: Some(communication("x", 2)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let mut compliance = ComplianceServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.auditor.clone())),
+    );
+    compliance
+        .list_violations(ListViolationsRequest::default())
+        .await
+        .unwrap();
+
+    // An admin does both.
+    let mut admin = ledger_as(&address, Some(&tokens.admin)).await;
+    admin
+        .append(AppendRequest {
+            communication: Some(communication("ops", 3)),
+        })
+        .await
+        .unwrap();
+    admin.get_entry(GetEntryRequest { index: 1 }).await.unwrap();
+
+    // A writer bound to its senders cannot pose as another.
+    let mut bound = ledger_as(&address, Some(&tokens.bound)).await;
+    bound
+        .append(AppendRequest {
+            communication: Some(communication("contoso-billing", 4)),
+        })
+        .await
+        .unwrap();
+    let status = bound
+        .append(AppendRequest {
+            communication: Some(communication("fabrikam-mail", 5)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().starts_with("communication.sender_id"),
+        "{}",
+        status.message()
+    );
+    let status = bound
+        .append_batch(AppendBatchRequest {
+            communications: vec![
+                communication("contoso-mail", 6),
+                communication("fabrikam-mail", 7),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().starts_with("communications[1].sender_id"),
+        "{}",
+        status.message()
+    );
+    let size = admin
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap()
+        .size;
+    assert_eq!(size, 3, "refused appends appended nothing");
+
+    // Health stays open.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&address).await);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "audit.ledger.v1.LedgerService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unsafe_exposure_is_refused_unless_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let any_address = "0.0.0.0:0".parse().unwrap();
+    let config = ServerConfig::new(dir.path().join("a"), any_address);
+    let error = Server::open(config.clone())
+        .err()
+        .expect("no auth on 0.0.0.0 is refused")
+        .to_string();
+    assert!(
+        error.contains("--auth-file") && error.contains("--insecure"),
+        "{error}"
+    );
+
+    let (auth_file, _) = principals(dir.path());
+    let mut with_auth = config.clone();
+    with_auth.auth_file = Some(auth_file);
+    let error = Server::open(with_auth.clone())
+        .err()
+        .expect("tokens without TLS are refused")
+        .to_string();
+    assert!(error.contains("TLS"), "{error}");
+
+    let mut insecure = with_auth;
+    insecure.insecure = true;
+    assert!(Server::open(insecure).is_ok());
+}
+
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+    client_der: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "audit-ledger test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "compliance-tool");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+
+    Pki {
+        ca: ca.pem(),
+        server_cert: server.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+        client_der: client.der().to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn tls_with_tokens_and_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (auth_file, tokens) = principals(dir.path());
+    // The client certificate is the credential of an auditor.
+    let mut text = std::fs::read_to_string(&auth_file).unwrap();
+    text.push_str(&format!(
+        "\n[[principals]]\nname = \"cert-auditor\"\nrole = \"auditor\"\nclient_cert_sha256 = \"{}\"\n",
+        audit_ledger::auth::digest_hex(&pki.client_der)
+    ));
+    std::fs::write(&auth_file, text).unwrap();
+
+    let mut config = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file);
+    config.tls = Some(TlsFiles {
+        cert: write("server.pem", &pki.server_cert),
+        key: write("server.key", &pki.server_key),
+        client_ca: Some(write("ca.pem", &pki.ca)),
+    });
+    let server = TestServer::start_with(config).await;
+    let url = format!(
+        "https://localhost:{}",
+        server.address.rsplit(':').next().unwrap()
+    );
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+
+    // A bearer token over TLS, no client certificate.
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(tls.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut writer =
+        LedgerServiceClient::with_interceptor(channel, Bearer(Some(tokens.writer.clone())));
+    writer
+        .append(AppendRequest {
+            communication: Some(communication("fabrikam-mail", 1)),
+        })
+        .await
+        .unwrap();
+
+    // A client certificate alone authenticates its principal.
+    let with_cert = tls
+        .clone()
+        .identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(with_cert)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut cert_client = LedgerServiceClient::new(channel);
+    let entry = cert_client
+        .get_entry(GetEntryRequest { index: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    let record = entry.record.unwrap();
+    assert_eq!(record.submitted_by, "mail-gateway");
+    assert!(matches!(
+        record.record,
+        Some(leaf_record::Record::Communication(_))
+    ));
+    let status = cert_client
+        .append(AppendRequest {
+            communication: Some(communication("x", 2)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "the certificate is an auditor's"
+    );
+
+    // Neither: UNAUTHENTICATED. Plain text to a TLS port: no connection at all.
+    let channel = Channel::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = LedgerServiceClient::new(channel)
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut plain = common::connect(&server.address).await;
+    assert!(plain.get_checkpoint(GetCheckpointRequest {}).await.is_err());
+    server.stop().await;
+}
