@@ -185,10 +185,14 @@ impl<'a> Snapshot<'a> {
     ) -> (Option<SubscriptionState>, Vec<(String, Vec<u64>)>) {
         let mut state: Option<SubscriptionState> = None;
         let mut former: Vec<(String, Vec<u64>)> = Vec::new();
-        // The fact that made the current biller the biller.
-        let mut biller_since = 0u64;
         for recorded in &self.facts {
             let previous_biller = state.as_ref().map(|s| s.biller_id.clone());
+            // What showed the previous biller to be the biller: its subscription fact and the
+            // completed transfers applied on top of it.
+            let previous_evidence = state
+                .as_ref()
+                .map(|s| s.evidence.clone())
+                .unwrap_or_default();
             match &recorded.fact {
                 Fact::Subscription {
                     subscription_id: id,
@@ -226,12 +230,13 @@ impl<'a> Snapshot<'a> {
                 _ => continue,
             }
             let now = state.as_ref().map(|s| s.biller_id.clone());
-            if previous_biller != now {
-                if let (Some(before), Some(now)) = (previous_biller, now) {
+            if let (Some(before), Some(now)) = (previous_biller, now) {
+                if before != now {
                     former.retain(|(partner, _)| *partner != now);
-                    former.push((before, vec![biller_since, recorded.index]));
+                    let mut shown_by = previous_evidence;
+                    shown_by.push(recorded.index);
+                    former.push((before, shown_by));
                 }
-                biller_since = recorded.index;
             }
         }
         (state, former)

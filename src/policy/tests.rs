@@ -624,3 +624,158 @@ fn a_later_subscription_fact_replaces_the_earlier_one_from_its_effective_time() 
         Verdict::Allowed,
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SENDERS: [&str; 5] = ["msft", "contoso", "fabrikam", "litware", "nobody"];
+    const CUSTOMERS: [&str; 2] = ["c1", "c2"];
+    const SUBSCRIPTIONS: [&str; 3] = ["s1", "s2", ""];
+
+    fn pick(options: &[&'static str]) -> impl Strategy<Value = &'static str> + use<> {
+        prop::sample::select(options.to_vec())
+    }
+
+    fn fact() -> impl Strategy<Value = Fact> {
+        let party = (pick(&SENDERS[..4]), 0..4u8).prop_map(|(id, kind)| Fact::Party {
+            party_id: id.into(),
+            kind: [
+                PartyKind::Vendor,
+                PartyKind::DirectBillPartner,
+                PartyKind::IndirectProvider,
+                PartyKind::IndirectReseller,
+            ][kind as usize],
+        });
+        let reseller =
+            (pick(&CUSTOMERS), pick(&SENDERS), any::<bool>()).prop_map(|(c, p, active)| {
+                Fact::ResellerRelationship {
+                    customer_id: c.into(),
+                    partner_id: p.into(),
+                    active,
+                }
+            });
+        let subscription = (
+            pick(&SUBSCRIPTIONS[..2]),
+            pick(&CUSTOMERS),
+            pick(&SENDERS),
+            pick(&SENDERS),
+            any::<bool>(),
+        )
+            .prop_map(|(s, c, biller, support, active)| Fact::Subscription {
+                subscription_id: s.into(),
+                customer_id: c.into(),
+                biller_id: biller.into(),
+                support_contact_id: if support == biller {
+                    String::new()
+                } else {
+                    support.into()
+                },
+                provider_id: String::new(),
+                active,
+            });
+        let transfer = (
+            pick(&SUBSCRIPTIONS[..2]),
+            pick(&SENDERS),
+            pick(&SENDERS),
+            0..3u8,
+        )
+            .prop_map(|(s, from, to, state)| Fact::Transfer {
+                subscription_id: s.into(),
+                from_partner_id: from.into(),
+                to_partner_id: to.into(),
+                state: [
+                    TransferState::Started,
+                    TransferState::Completed,
+                    TransferState::Cancelled,
+                ][state as usize],
+            });
+        let agreement = (
+            pick(&CUSTOMERS),
+            prop::sample::select(vec!["", "x", "y"]),
+            any::<bool>(),
+        )
+            .prop_map(|(c, p, active)| Fact::DirectAgreement {
+                customer_id: c.into(),
+                product_id: p.into(),
+                active,
+            });
+        prop_oneof![party, reseller, subscription, transfer, agreement]
+    }
+
+    fn question() -> impl Strategy<Value = Question> {
+        (
+            pick(&SENDERS),
+            pick(&CUSTOMERS),
+            0..5u8,
+            pick(&SUBSCRIPTIONS),
+            prop::sample::select(vec!["", "x", "z"]),
+            0..40i64,
+        )
+            .prop_map(
+                |(sender, customer, topic, subscription, product, day)| Question {
+                    sender_id: sender.into(),
+                    customer_id: customer.into(),
+                    topic: [
+                        Topic::Commercial,
+                        Topic::Support,
+                        Topic::Operational,
+                        Topic::Transition,
+                        Topic::General,
+                    ][topic as usize],
+                    subscription_id: subscription.into(),
+                    // A communication names a subscription or a product, not both.
+                    product_id: if subscription.is_empty() {
+                        product.into()
+                    } else {
+                        String::new()
+                    },
+                    at: Timestamp {
+                        seconds: day * DAY,
+                        nanos: 0,
+                    },
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Over random histories: the answer rests only on facts in force at the instant,
+        /// the evidence alone re-derives it, and facts in force later change nothing.
+        #[test]
+        fn evidence_always_re_derives_the_answer(
+            facts in prop::collection::vec((fact(), 0..40i64), 0..24),
+            question in question(),
+        ) {
+            let recorded: Vec<RecordedFact> = facts
+                .into_iter()
+                .enumerate()
+                .map(|(index, (fact, day))| RecordedFact {
+                    index: index as u64,
+                    effective_at: Timestamp { seconds: day * DAY, nanos: 0 },
+                    fact,
+                })
+                .collect();
+            let answer = assess(&question, &recorded);
+            prop_assert_eq!(answer.verdict, answer.rule.verdict());
+            for index in &answer.evidence {
+                let fact = &recorded[*index as usize];
+                prop_assert!(fact.effective_at <= question.at, "evidence {} is not in force yet", index);
+            }
+            let evidence: Vec<RecordedFact> = recorded
+                .iter()
+                .filter(|fact| answer.evidence.contains(&fact.index))
+                .cloned()
+                .collect();
+            let rederived = assess(&question, &evidence);
+            prop_assert_eq!((rederived.rule, rederived.verdict), (answer.rule, answer.verdict));
+            let in_force: Vec<RecordedFact> = recorded
+                .iter()
+                .filter(|fact| fact.effective_at <= question.at)
+                .cloned()
+                .collect();
+            prop_assert_eq!(assess(&question, &in_force), answer);
+        }
+    }
+}
