@@ -22,6 +22,9 @@ use crate::proto::compliance_service_server::ComplianceServiceServer;
 use crate::proto::ledger_service_server::LedgerServiceServer;
 use crate::storage::{IndexStore, SledStore, StorageError};
 
+/// Health-check service name that reports whether writes are accepted.
+pub const WRITES_HEALTH_SERVICE: &str = "audit.ledger.v1.Writes";
+
 /// Directory of the sled store inside the data dir.
 pub const STORE_DIR_NAME: &str = "store";
 
@@ -104,6 +107,7 @@ impl Server {
             signer,
             LedgerOptions {
                 max_group_records: config.max_group_records,
+                read_only_on_integrity_failure: true,
                 ..LedgerOptions::default()
             },
             Some(Box::new(ComplianceIndexer::new(index.clone()))),
@@ -166,6 +170,15 @@ impl Server {
         health.set_serving::<LedgerServiceServer<LedgerApi>>().await;
         health
             .set_serving::<ComplianceServiceServer<ComplianceApi>>()
+            .await;
+        // Writes have a health entry of their own: reads may be served while writes are not.
+        let writes_status = if self.ledger.write_refusal().is_some() {
+            tonic_health::ServingStatus::NotServing
+        } else {
+            tonic_health::ServingStatus::Serving
+        };
+        health
+            .set_service_status(WRITES_HEALTH_SERVICE, writes_status)
             .await;
         let mut builder = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)

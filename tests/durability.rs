@@ -389,32 +389,72 @@ async fn verify_names_the_first_bad_index_of_an_altered_store() {
 }
 
 #[tokio::test]
-async fn server_refuses_to_start_on_a_store_that_does_not_match_its_checkpoint() {
+async fn a_store_that_does_not_match_its_checkpoint_serves_reads_and_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     ledger_with_entries(dir.path(), 9).await;
     alter(dir.path(), |db| flip_a_byte(db, &leaf_key(8)));
-    let config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    let error = Server::open(config.clone())
-        .err()
-        .expect("start-up must fail");
-    let message = error.to_string();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let status = client
+        .append(AppendRequest {
+            communication: Some(communication("s", 100)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     assert!(
-        message.contains("integrity") && message.contains("entry 8"),
-        "{message}"
+        status.message().contains("entry 8"),
+        "says why: {}",
+        status.message()
     );
+    // Reads go on, bounded by the newest checkpoint that still verifies.
+    assert_eq!(checkpoint(&mut client).await.size, 9);
+    client
+        .get_entry(GetEntryRequest { index: 0 })
+        .await
+        .unwrap();
+    // Health says writes are not served.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let writes = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: audit_ledger::server::WRITES_HEALTH_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        writes.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    server.stop().await;
 
     // A node changed under the tail: the root no longer matches what was signed.
     let dir = tempfile::tempdir().unwrap();
     ledger_with_entries(dir.path(), 9).await;
     alter(dir.path(), |db| flip_a_byte(db, &nodes_key(7)));
-    let config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
-    let message = Server::open(config)
-        .err()
-        .expect("start-up must fail")
-        .to_string();
-    assert!(message.contains("signed root"), "{message}");
+    let server = TestServer::start(dir.path()).await;
+    let status = server
+        .client()
+        .await
+        .append(AppendRequest {
+            communication: Some(communication("s", 100)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("signed root"),
+        "{}",
+        status.message()
+    );
+    server.stop().await;
 
-    // Another key cannot take over the ledger.
+    // Another key cannot take over the ledger: no checkpoint verifies, nothing is served.
     let dir = tempfile::tempdir().unwrap();
     ledger_with_entries(dir.path(), 3).await;
     std::fs::remove_file(dir.path().join("signing.key")).unwrap();

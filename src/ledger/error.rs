@@ -21,6 +21,11 @@ pub enum LedgerError {
     /// The store does not match what the ledger signed or chained: it was altered or damaged.
     #[error("ledger integrity: {0}")]
     Integrity(String),
+    /// The store does not match what the ledger signed: reads are served, writes refused.
+    #[error(
+        "writes are refused: the store does not match its signed checkpoint ({0}); run audit-ledger verify"
+    )]
+    WritesRefused(String),
     /// Writes are refused (shut down, or an earlier durable write failed).
     #[error("ledger unavailable: {0}")]
     Unavailable(String),

@@ -61,6 +61,9 @@ pub struct LedgerOptions {
     pub max_group_records: usize,
     /// Append requests that may wait for the writer before callers are made to wait.
     pub queue_depth: usize,
+    /// When the store does not match its signed checkpoint: serve reads and refuse writes
+    /// (true, the server), or fail to open (false, offline tools).
+    pub read_only_on_integrity_failure: bool,
 }
 
 impl Default for LedgerOptions {
@@ -68,6 +71,7 @@ impl Default for LedgerOptions {
         LedgerOptions {
             max_group_records: 8192,
             queue_depth: 4096,
+            read_only_on_integrity_failure: false,
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Ledger {
     published: Arc<Published>,
     requests: mpsc::Sender<writer::Command>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Set when the store did not match its signed checkpoint at start: reads only.
+    refusal: Option<Arc<str>>,
 }
 
 impl Ledger {
@@ -108,7 +114,13 @@ impl Ledger {
         options: LedgerOptions,
         mut indexer: Option<Box<dyn Indexer>>,
     ) -> Result<Ledger, LedgerError> {
-        let state = writer::recover(store.as_ref(), &signer)?;
+        let state = match writer::recover(store.as_ref(), &signer) {
+            Ok(state) => state,
+            Err(LedgerError::Integrity(reason)) if options.read_only_on_integrity_failure => {
+                return Self::open_read_only(store, &signer, reason);
+            }
+            Err(error) => return Err(error),
+        };
         if let Some(indexer) = indexer.as_mut() {
             catch_up(store.as_ref(), indexer.as_mut(), state.checkpoint.size)?;
         }
@@ -130,13 +142,59 @@ impl Ledger {
             published,
             requests,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            refusal: None,
         })
+    }
+
+    /// A ledger whose store does not match what it signed: it serves what the newest
+    /// checkpoint whose signature still verifies covers, and refuses every write, saying
+    /// why, until an operator has investigated (`audit-ledger verify`).
+    fn open_read_only(
+        store: Arc<dyn Store>,
+        signer: &CheckpointSigner,
+        reason: String,
+    ) -> Result<Ledger, LedgerError> {
+        let verifier = signer.verifier();
+        let checkpoints: Vec<(u64, Vec<u8>)> = store.checkpoints().collect::<Result<_, _>>()?;
+        let checkpoint = checkpoints
+            .iter()
+            .rev()
+            .find_map(|(_, note)| verifier.verify(note).ok())
+            .ok_or_else(|| {
+                LedgerError::Integrity(format!(
+                    "{reason}; and no stored checkpoint is signed by this log's key"
+                ))
+            })?;
+        tracing::error!(
+            %reason,
+            serving_tree_size = checkpoint.size,
+            "the store does not match its signed checkpoint: serving reads only, refusing writes"
+        );
+        // No writer: the queue's receiver is dropped, and `append` refuses before using it.
+        let (requests, _) = mpsc::channel(1);
+        Ok(Ledger {
+            store,
+            published: Arc::new(Published {
+                checkpoint: ArcSwap::from_pointee(checkpoint),
+            }),
+            requests,
+            writer: Arc::new(std::sync::Mutex::new(None)),
+            refusal: Some(Arc::from(reason.as_str())),
+        })
+    }
+
+    /// Why writes are refused, when they are.
+    pub fn write_refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
     }
 
     /// Appends records, all or nothing, and returns once they are durable. New records get
     /// contiguous indices in the order given; a record whose idempotency key is already
     /// taken by identical content is reported as a duplicate of the earlier entry.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LedgerError> {
+        if let Some(reason) = &self.refusal {
+            return Err(LedgerError::WritesRefused(reason.to_string()));
+        }
         let (reply, response) = oneshot::channel();
         self.requests
             .send(writer::Command::Append { records, reply })
