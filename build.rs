@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 PathBuf::from("proto/audit/ledger/v1/ledger.proto"),
                 PathBuf::from("proto/audit/ledger/v1/compliance.proto"),
+                PathBuf::from("proto/audit/ledger/v1/access.proto"),
             ],
             &[PathBuf::from("proto"), well_known],
         )?;

@@ -12,6 +12,7 @@
 //! - [`keys`]: the signing key file. [`verify`]: offline end-to-end verification.
 //! - [`config`]: every limit and default, in one struct.
 
+pub mod access_log;
 pub mod auth;
 pub mod compliance;
 pub mod config;

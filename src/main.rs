@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use audit_ledger::access_log::AccessLog;
 use audit_ledger::config::{ServerConfig, TlsFiles};
 use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
@@ -233,18 +234,26 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
+    let access = AccessLog::open(Arc::new(store.access_log()?))?;
     match result {
-        Ok(report) => {
-            println!(
-                "ok: {} entries, root {}, {} signed checkpoints consistent, origin {} ({:.1}s)",
-                report.tree_size,
-                hex_string(&report.root_hash.0),
-                report.checkpoints,
-                report.origin,
-                started.elapsed().as_secs_f64()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Ok(report) => match access.verify() {
+            Ok(records) => {
+                println!(
+                    "ok: {} entries, root {}, {} signed checkpoints consistent, {} access records chained, origin {} ({:.1}s)",
+                    report.tree_size,
+                    hex_string(&report.root_hash.0),
+                    report.checkpoints,
+                    records,
+                    report.origin,
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(broken) => {
+                println!("FAILED: {broken}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Err(error) => {
             match error.first_bad_index() {
                 Some(index) => println!("FAILED at entry {index}: {error}"),

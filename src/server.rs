@@ -12,12 +12,14 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::auth::Authenticator;
 use crate::grpc::middleware::GateLayer;
 
+use crate::access_log::AccessLog;
 use crate::compliance::Compliance;
 use crate::compliance::index::ComplianceIndexer;
 use crate::config::{DEFAULT_ORIGIN, ServerConfig};
-use crate::grpc::{ComplianceApi, LedgerApi};
+use crate::grpc::{AccessLogApi, ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions};
+use crate::proto::access_log_service_server::AccessLogServiceServer;
 use crate::proto::compliance_service_server::ComplianceServiceServer;
 use crate::proto::ledger_service_server::LedgerServiceServer;
 use crate::storage::{IndexStore, SledStore, StorageError};
@@ -48,6 +50,7 @@ pub enum ServerError {
 pub struct Server {
     ledger: Ledger,
     compliance: Compliance,
+    access: AccessLog,
     authenticator: Option<Arc<Authenticator>>,
     config: ServerConfig,
 }
@@ -101,6 +104,7 @@ impl Server {
         )?;
         let store = SledStore::open(&config.data_dir.join(STORE_DIR_NAME), config.cache_bytes)?;
         let index: Arc<dyn IndexStore> = Arc::new(store.index()?);
+        let access = AccessLog::open(Arc::new(store.access_log()?))?;
         let token_secret = signer.secret_bytes();
         let ledger = Ledger::open(
             Arc::new(store),
@@ -127,6 +131,7 @@ impl Server {
         Ok(Server {
             ledger,
             compliance,
+            access,
             authenticator,
             config,
         })
@@ -151,6 +156,7 @@ impl Server {
         let ledger_service = LedgerServiceServer::new(LedgerApi::new(
             self.ledger.clone(),
             self.compliance.clone(),
+            self.access.clone(),
             self.config.clone(),
         ))
         .max_decoding_message_size(self.config.max_message_bytes)
@@ -158,6 +164,7 @@ impl Server {
         let compliance_service = ComplianceServiceServer::new(ComplianceApi::new(
             self.ledger.clone(),
             self.compliance.clone(),
+            self.access.clone(),
             self.config.clone(),
         ))
         .max_decoding_message_size(self.config.max_message_bytes)
@@ -201,11 +208,15 @@ impl Server {
             .add_service(health_service)
             .add_service(ledger_service)
             .add_service(compliance_service)
+            .add_service(AccessLogServiceServer::new(AccessLogApi::new(
+                self.access.clone(),
+            )))
             .serve_with_incoming_shutdown(incoming, {
                 let stop = stop.clone();
                 async move { stop.notified().await }
             });
         tokio::pin!(serving);
+        let flusher = self.access.spawn_flusher();
         let result = tokio::select! {
             result = &mut serving => result,
             () = shutdown => {
@@ -220,6 +231,10 @@ impl Server {
                 }
             }
         };
+        flusher.abort();
+        if let Err(error) = self.access.flush() {
+            tracing::error!(%error, "access log flush at shutdown failed");
+        }
         self.ledger.shutdown().await;
         tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
         Ok(result?)

@@ -380,4 +380,7 @@ impl audit_ledger::storage::IndexStore for MemoryIndex {
         self.0.lock().unwrap().clear();
         Ok(())
     }
+    fn flush(&self) -> Result<(), audit_ledger::storage::StorageError> {
+        Ok(())
+    }
 }

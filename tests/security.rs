@@ -422,3 +422,169 @@ async fn tls_with_tokens_and_client_certificates() {
     assert!(plain.get_checkpoint(GetCheckpointRequest {}).await.is_err());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
+    use audit_ledger::proto::access_log_service_client::AccessLogServiceClient;
+    use audit_ledger::proto::{CheckSenderRequest, ListAccessLogRequest, Topic};
+    let dir = tempfile::tempdir().unwrap();
+    let (auth_file, tokens) = principals(dir.path());
+    let data = dir.path().join("data");
+    let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file);
+    let server = TestServer::start_with(config).await;
+    let address = server.address.clone();
+
+    let mut writer = ledger_as(&address, Some(&tokens.writer)).await;
+    writer
+        .append(AppendRequest {
+            communication: Some(communication("s", 1)),
+        })
+        .await
+        .unwrap();
+    // A writer's pre-send check is not a read of the archive.
+    let mut writer_compliance = ComplianceServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.writer.clone())),
+    );
+    writer_compliance
+        .check_sender(CheckSenderRequest {
+            sender_id: "s".into(),
+            customer_id: "c".into(),
+            topic: Topic::General as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let mut auditor = ledger_as(&address, Some(&tokens.auditor)).await;
+    auditor
+        .get_entry(GetEntryRequest { index: 0 })
+        .await
+        .unwrap();
+    let mut auditor_compliance = ComplianceServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.auditor.clone())),
+    );
+    auditor_compliance
+        .list_violations(ListViolationsRequest {
+            customer_id: "customer-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Auditors cannot read the trail of auditors.
+    let mut as_auditor = AccessLogServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.auditor.clone())),
+    );
+    let status = as_auditor
+        .list_access_log(ListAccessLogRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let mut as_admin = AccessLogServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.admin.clone())),
+    );
+    let log = as_admin
+        .list_access_log(ListAccessLogRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let seen: Vec<(&str, &str, u64)> = log
+        .records
+        .iter()
+        .map(|r| (r.principal.as_str(), r.method.as_str(), r.result_count))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "compliance-tool",
+                "/audit.ledger.v1.LedgerService/GetEntry",
+                1
+            ),
+            (
+                "compliance-tool",
+                "/audit.ledger.v1.ComplianceService/ListViolations",
+                // The unknown sender "s" is one violation.
+                1
+            ),
+        ]
+    );
+    assert!(
+        log.records[1]
+            .request
+            .contains("customer_id=\"customer-1\""),
+        "{}",
+        log.records[1].request
+    );
+    assert_eq!(log.records[1].prev_hash, log.records[0].record_hash);
+    assert_eq!(log.records[0].prev_hash, vec![0u8; 32]);
+    assert_eq!(log.next_index, 2);
+    // Reading the trail is itself recorded.
+    let again = as_admin
+        .list_access_log(ListAccessLogRequest {
+            start_index: 2,
+            page_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.records[0].method,
+        "/audit.ledger.v1.AccessLogService/ListAccessLog"
+    );
+    assert_eq!(again.records[0].principal, "ops");
+    drop((
+        writer,
+        writer_compliance,
+        auditor,
+        auditor_compliance,
+        as_auditor,
+        as_admin,
+    ));
+    server.stop().await;
+
+    let verify = |data: &Path| {
+        let output = std::process::Command::new(common::binary())
+            .args(["verify", "--data-dir"])
+            .arg(data)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+        )
+    };
+    let (ok, stdout) = verify(&data);
+    assert!(
+        ok && stdout.contains("4 access records chained"),
+        "{stdout}"
+    );
+
+    // Editing a record breaks the chain, and verify names it.
+    {
+        use audit_ledger::storage::IndexStore;
+        let store = audit_ledger::storage::SledStore::open(
+            &data.join(audit_ledger::server::STORE_DIR_NAME),
+            1 << 20,
+        )
+        .unwrap();
+        let space = store.access_log().unwrap();
+        let mut value = space.get(&1u64.to_be_bytes()).unwrap().unwrap();
+        let at = value.iter().position(|b| *b == b'c').unwrap();
+        value[at] = b'C';
+        space
+            .apply(vec![(1u64.to_be_bytes().to_vec(), Some(value))])
+            .unwrap();
+        space.flush().unwrap();
+    }
+    let (ok, stdout) = verify(&data);
+    assert!(
+        !ok && stdout.starts_with("FAILED: access record 1"),
+        "{stdout}"
+    );
+}

@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::access_log::AccessLog;
 use crate::auth::Principal;
 
 use super::convert::{assessment_message, entry_message, timestamp};
@@ -25,16 +26,39 @@ use crate::records::validate;
 pub struct ComplianceApi {
     ledger: Ledger,
     compliance: Compliance,
+    access: AccessLog,
     config: ServerConfig,
 }
 
 impl ComplianceApi {
-    pub fn new(ledger: Ledger, compliance: Compliance, config: ServerConfig) -> Self {
+    pub fn new(
+        ledger: Ledger,
+        compliance: Compliance,
+        access: AccessLog,
+        config: ServerConfig,
+    ) -> Self {
         ComplianceApi {
             ledger,
             compliance,
+            access,
             config,
         }
+    }
+
+    fn record(
+        &self,
+        principal: Option<&Principal>,
+        method: &str,
+        request: String,
+        count: u64,
+    ) -> Result<(), Status> {
+        super::access::record(
+            &self.access,
+            principal,
+            &format!("/audit.ledger.v1.ComplianceService/{method}"),
+            request,
+            count,
+        )
     }
 }
 
@@ -138,6 +162,7 @@ impl ComplianceService for ComplianceApi {
         &self,
         request: Request<CheckSenderRequest>,
     ) -> Result<Response<CheckSenderResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let max = self.config.record_limits.max_id_bytes;
         let check = || -> Result<_, LedgerError> {
@@ -169,6 +194,21 @@ impl ComplianceService for ComplianceApi {
             self.compliance.check(&question, request.as_of_tree_size)
         };
         let (assessment, tree_size) = check().map_err(to_status)?;
+        self.record(
+            principal.as_ref(),
+            "CheckSender",
+            format!(
+                "sender_id={:?} customer_id={:?} topic={} subscription_id={:?} product_id={:?} at={:?} as_of_tree_size={}",
+                request.sender_id,
+                request.customer_id,
+                request.topic,
+                request.subscription_id,
+                request.product_id,
+                request.at.map(|t| t.seconds),
+                request.as_of_tree_size
+            ),
+            1,
+        )?;
         Ok(Response::new(CheckSenderResponse {
             assessment: Some(assessment_message(assessment, tree_size)),
         }))
@@ -178,6 +218,7 @@ impl ComplianceService for ComplianceApi {
         &self,
         request: Request<ListViolationsRequest>,
     ) -> Result<Response<ListViolationsResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let run = || -> Result<_, LedgerError> {
             let rule = match request.rule.as_str() {
@@ -208,6 +249,23 @@ impl ComplianceService for ComplianceApi {
         };
         let page = run().map_err(to_status)?;
         let tree_size = page.tree_size;
+        self.record(
+            principal.as_ref(),
+            "ListViolations",
+            format!(
+                "customer_id={:?} sender_id={:?} rule={:?} from={:?} to={:?} include_review={} as_of_tree_size={} page_size={} page_token={}",
+                request.customer_id,
+                request.sender_id,
+                request.rule,
+                request.from.map(|t| t.seconds),
+                request.to.map(|t| t.seconds),
+                request.include_review,
+                request.as_of_tree_size,
+                request.page_size,
+                !request.page_token.is_empty()
+            ),
+            page.items.len() as u64,
+        )?;
         Ok(Response::new(ListViolationsResponse {
             violations: page
                 .items
@@ -225,6 +283,7 @@ impl ComplianceService for ComplianceApi {
         &self,
         request: Request<ListCommunicationsRequest>,
     ) -> Result<Response<ListCommunicationsResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let run = || -> Result<_, LedgerError> {
             let filter = communication_filter(
@@ -240,6 +299,22 @@ impl ComplianceService for ComplianceApi {
                 .list_communications(&filter, request.page_size, &request.page_token)
         };
         let page = run().map_err(to_status)?;
+        self.record(
+            principal.as_ref(),
+            "ListCommunications",
+            format!(
+                "customer_id={:?} sender_id={:?} topic={} subscription_id={:?} from={:?} to={:?} page_size={} page_token={}",
+                request.customer_id,
+                request.sender_id,
+                request.topic,
+                request.subscription_id,
+                request.from.map(|t| t.seconds),
+                request.to.map(|t| t.seconds),
+                request.page_size,
+                !request.page_token.is_empty()
+            ),
+            page.items.len() as u64,
+        )?;
         Ok(Response::new(ListCommunicationsResponse {
             entries: page.items.into_iter().map(entry_message).collect(),
             next_page_token: page.next_page_token,

@@ -5,8 +5,10 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::access::record;
 use super::convert::{assessment_message, entry_message};
 use super::status::to_status;
+use crate::access_log::AccessLog;
 use crate::auth::Principal;
 use crate::compliance::Compliance;
 use crate::config::ServerConfig;
@@ -28,16 +30,41 @@ const LIST_BUFFER: usize = 64;
 pub struct LedgerApi {
     ledger: Ledger,
     compliance: Compliance,
+    access: AccessLog,
     config: ServerConfig,
 }
 
+const SERVICE: &str = "/audit.ledger.v1.LedgerService/";
+
 impl LedgerApi {
-    pub fn new(ledger: Ledger, compliance: Compliance, config: ServerConfig) -> Self {
+    pub fn new(
+        ledger: Ledger,
+        compliance: Compliance,
+        access: AccessLog,
+        config: ServerConfig,
+    ) -> Self {
         LedgerApi {
             ledger,
             compliance,
+            access,
             config,
         }
+    }
+
+    fn record(
+        &self,
+        principal: Option<&Principal>,
+        method: &str,
+        request: String,
+        count: u64,
+    ) -> Result<(), Status> {
+        record(
+            &self.access,
+            principal,
+            &format!("{SERVICE}{method}"),
+            request,
+            count,
+        )
     }
 
     /// The verdict at ingestion: the communication judged at its sent_at on the facts the
@@ -183,10 +210,16 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<GetEntryRequest>,
     ) -> Result<Response<GetEntryResponse>, Status> {
-        let entry = self
-            .ledger
-            .entry(request.into_inner().index)
-            .map_err(to_status)?;
+        let principal = request.extensions().get::<Principal>().cloned();
+        let index = request.into_inner().index;
+        let entry = self.ledger.entry(index).map_err(to_status);
+        self.record(
+            principal.as_ref(),
+            "GetEntry",
+            format!("index={index}"),
+            u64::from(entry.is_ok()),
+        )?;
+        let entry = entry?;
         Ok(Response::new(GetEntryResponse {
             entry: Some(entry_message(entry)),
         }))
@@ -199,6 +232,7 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<ListEntriesRequest>,
     ) -> Result<Response<Self::ListEntriesStream>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let tree_size = self.ledger.tree_size();
         if request.start_index > tree_size {
@@ -218,6 +252,15 @@ impl LedgerService for LedgerApi {
         };
         // The stream covers the tree as published when the call started.
         let end = request.start_index.saturating_add(limit).min(tree_size);
+        self.record(
+            principal.as_ref(),
+            "ListEntries",
+            format!(
+                "start_index={} limit={}",
+                request.start_index, request.limit
+            ),
+            end - request.start_index,
+        )?;
         let (sender, receiver) = tokio::sync::mpsc::channel(LIST_BUFFER);
         let ledger = self.ledger.clone();
         tokio::spawn(async move {
@@ -241,8 +284,10 @@ impl LedgerService for LedgerApi {
 
     async fn get_checkpoint(
         &self,
-        _request: Request<GetCheckpointRequest>,
+        request: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
+        let principal = request.extensions().get::<Principal>();
+        self.record(principal, "GetCheckpoint", String::new(), 1)?;
         Ok(Response::new(GetCheckpointResponse {
             checkpoint: Some(checkpoint_message(&self.ledger.checkpoint())),
         }))
@@ -252,7 +297,14 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
+        self.record(
+            principal.as_ref(),
+            "GetInclusionProof",
+            format!("index={} tree_size={}", request.index, request.tree_size),
+            1,
+        )?;
         let tree_size = match request.tree_size {
             0 => self.ledger.tree_size(),
             size => size,
@@ -272,7 +324,17 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
+        self.record(
+            principal.as_ref(),
+            "GetConsistencyProof",
+            format!(
+                "from_size={} to_size={}",
+                request.from_size, request.to_size
+            ),
+            1,
+        )?;
         let to_size = match request.to_size {
             0 => self.ledger.tree_size(),
             size => size,

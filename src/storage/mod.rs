@@ -124,4 +124,7 @@ pub trait IndexStore: Send + Sync + 'static {
 
     /// Removes everything (before a rebuild).
     fn clear(&self) -> Result<(), StorageError>;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StorageError>;
 }

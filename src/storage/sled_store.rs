@@ -27,7 +27,10 @@ pub struct SledStore {
 /// Name of the sled tree holding derived indexes.
 const INDEX_TREE: &[u8] = b"index";
 
-/// [`IndexStore`] on a sled tree.
+/// Name of the sled tree holding the access log.
+const ACCESS_TREE: &[u8] = b"access";
+
+/// [`IndexStore`] on a sled tree (derived indexes, the access log).
 pub struct SledIndex {
     tree: sled::Tree,
 }
@@ -64,6 +67,10 @@ impl IndexStore for SledIndex {
 
     fn clear(&self) -> Result<(), StorageError> {
         self.tree.clear().map_err(backend)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.tree.flush().map(|_| ()).map_err(backend)
     }
 }
 
@@ -150,6 +157,13 @@ impl SledStore {
     pub fn index(&self) -> Result<SledIndex, StorageError> {
         Ok(SledIndex {
             tree: self.db.open_tree(INDEX_TREE).map_err(backend)?,
+        })
+    }
+
+    /// The access log's space, another sled tree.
+    pub fn access_log(&self) -> Result<SledIndex, StorageError> {
+        Ok(SledIndex {
+            tree: self.db.open_tree(ACCESS_TREE).map_err(backend)?,
         })
     }
 

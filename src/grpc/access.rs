@@ -1,0 +1,89 @@
+//! Recording reads in the access log, and `AccessLogService`.
+
+use tonic::{Request, Response, Status};
+
+use super::status::to_status;
+use crate::access_log::{Access, AccessLog};
+use crate::auth::Principal;
+use crate::proto::access_log_service_server::AccessLogService;
+use crate::proto::{ListAccessLogRequest, ListAccessLogResponse};
+
+/// Principal name recorded when the server runs without authentication.
+pub const UNAUTHENTICATED: &str = "(unauthenticated)";
+
+/// Records one read or query by an auditor or admin (or by anyone, without authentication).
+/// A read that cannot be recorded fails: nothing is read unrecorded.
+pub fn record(
+    log: &AccessLog,
+    principal: Option<&Principal>,
+    method: &str,
+    request: String,
+    result_count: u64,
+) -> Result<(), Status> {
+    let (name, role) = match principal {
+        Some(principal) if !principal.role.is_audited() => return Ok(()),
+        Some(principal) => (principal.name.as_str(), principal.role.to_string()),
+        None => (UNAUTHENTICATED, String::new()),
+    };
+    log.record(Access {
+        principal: name,
+        role: &role,
+        method,
+        request,
+        result_count,
+    })
+    .map_err(|error| {
+        tracing::error!(%error, "access log write failed");
+        Status::unavailable("the access log cannot be written; reads are refused")
+    })
+}
+
+#[derive(Clone)]
+pub struct AccessLogApi {
+    log: AccessLog,
+}
+
+impl AccessLogApi {
+    pub fn new(log: AccessLog) -> Self {
+        AccessLogApi { log }
+    }
+}
+
+#[tonic::async_trait]
+impl AccessLogService for AccessLogApi {
+    async fn list_access_log(
+        &self,
+        request: Request<ListAccessLogRequest>,
+    ) -> Result<Response<ListAccessLogResponse>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            size if size < 0 => {
+                return Err(Status::invalid_argument("page_size: must not be negative"));
+            }
+            0 => 100,
+            size => (size as usize).min(1000),
+        };
+        let records = self
+            .log
+            .list(request.start_index, page_size)
+            .map_err(|error| to_status(error.into()))?;
+        let next_index = records
+            .last()
+            .map_or(request.start_index.max(self.log.size()), |r| r.index + 1);
+        record(
+            &self.log,
+            principal.as_ref(),
+            "/audit.ledger.v1.AccessLogService/ListAccessLog",
+            format!(
+                "start_index={} page_size={}",
+                request.start_index, page_size
+            ),
+            records.len() as u64,
+        )?;
+        Ok(Response::new(ListAccessLogResponse {
+            records,
+            next_index,
+        }))
+    }
+}
