@@ -97,6 +97,9 @@ struct ServeArgs {
     /// sled page cache size, in bytes.
     #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     cache_bytes: u64,
+    /// Free space kept on the data dir's filesystem; appends are refused below it.
+    #[arg(long, env = "AUDIT_LEDGER_MIN_FREE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    min_free_bytes: u64,
     /// Principals and credentials (TOML); without it the server is unauthenticated and
     /// loopback only.
     #[arg(long, env = "AUDIT_LEDGER_AUTH_FILE")]
@@ -176,6 +179,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_message_bytes = args.max_message_bytes;
     config.max_list_entries = args.max_list_entries;
     config.cache_bytes = args.cache_bytes;
+    config.min_free_bytes = args.min_free_bytes;
     config.auth_file = args.auth_file;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
         cert,

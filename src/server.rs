@@ -111,6 +111,7 @@ impl Server {
             signer,
             LedgerOptions {
                 max_group_records: config.max_group_records,
+                min_free_bytes: config.min_free_bytes,
                 read_only_on_integrity_failure: true,
                 ..LedgerOptions::default()
             },

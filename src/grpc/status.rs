@@ -13,6 +13,7 @@ pub fn to_status(error: LedgerError) -> Status {
         LedgerError::Conflict { .. } => Status::already_exists(error.to_string()),
         LedgerError::Unavailable(_) => Status::unavailable(error.to_string()),
         LedgerError::WritesRefused(_) => Status::failed_precondition(error.to_string()),
+        LedgerError::ResourceExhausted(_) => Status::resource_exhausted(error.to_string()),
         LedgerError::Integrity(_) => {
             tracing::error!(%error, "integrity failure while serving a request");
             Status::new(Code::DataLoss, error.to_string())

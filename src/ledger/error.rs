@@ -26,6 +26,9 @@ pub enum LedgerError {
         "writes are refused: the store does not match its signed checkpoint ({0}); run audit-ledger verify"
     )]
     WritesRefused(String),
+    /// The store is out of space; retry once space is freed.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Writes are refused (shut down, or an earlier durable write failed).
     #[error("ledger unavailable: {0}")]
     Unavailable(String),

@@ -61,6 +61,9 @@ pub struct LedgerOptions {
     pub max_group_records: usize,
     /// Append requests that may wait for the writer before callers are made to wait.
     pub queue_depth: usize,
+    /// Appends are refused (RESOURCE_EXHAUSTED) while less than this is free on the store's
+    /// filesystem, so the store never runs out of space in the middle of a write.
+    pub min_free_bytes: u64,
     /// When the store does not match its signed checkpoint: serve reads and refuse writes
     /// (true, the server), or fail to open (false, offline tools).
     pub read_only_on_integrity_failure: bool,
@@ -71,6 +74,7 @@ impl Default for LedgerOptions {
         LedgerOptions {
             max_group_records: 8192,
             queue_depth: 4096,
+            min_free_bytes: 64 * 1024 * 1024,
             read_only_on_integrity_failure: false,
         }
     }

@@ -138,6 +138,7 @@ pub(super) fn spawn(
         published,
         options,
         indexer,
+        limbo: None,
         failed: None,
     };
     std::thread::Builder::new()
@@ -153,6 +154,8 @@ struct Writer {
     published: Arc<Published>,
     options: LedgerOptions,
     indexer: Option<Box<dyn Indexer>>,
+    /// A group whose commit failed, with the state it leads to: written before anything else.
+    limbo: Option<(CommitBatch, WriterState)>,
     /// Set when a commit failed: what the store holds is then uncertain until a restart
     /// re-reads it, so no further write is attempted.
     failed: Option<String>,
@@ -196,11 +199,53 @@ impl Writer {
     }
 
     fn commit_group(&mut self, group: Vec<(Vec<NewRecord>, Reply)>) {
-        if let Some(reason) = &self.failed {
+        let refuse = |group: Vec<(Vec<NewRecord>, Reply)>, error: &dyn Fn() -> LedgerError| {
             for (_, reply) in group {
-                let _ = reply.send(Err(LedgerError::Unavailable(reason.clone())));
+                let _ = reply.send(Err(error()));
             }
+        };
+        if let Some(reason) = &self.failed {
+            let reason = reason.clone();
+            refuse(group, &|| LedgerError::Unavailable(reason.clone()));
             return;
+        }
+        // A group whose commit failed (disk full, I/O error) is retried, unchanged, before
+        // anything else: its checkpoint is signed and may be partly on disk, so the ledger
+        // may only continue from exactly that state. Until it lands, appends are refused.
+        if let Some((batch, next_state)) = self.limbo.take() {
+            if let Err(error) = self.store.commit(&batch) {
+                tracing::warn!(%error, "the pending group still cannot be written");
+                self.limbo = Some((batch, next_state));
+                refuse(group, &|| commit_failure(&error));
+                return;
+            }
+            tracing::info!(
+                tree_size = next_state.checkpoint.size,
+                "the pending group is written; accepting appends again"
+            );
+            self.publish(&batch, next_state);
+        }
+        if let Some(available) = self.store.available_bytes() {
+            let needed: u64 = group
+                .iter()
+                .flat_map(|(records, _)| records)
+                .map(|record| (record.content.len() + record.body.len()) as u64 * 4)
+                .sum::<u64>()
+                + self.options.min_free_bytes;
+            if available < needed {
+                tracing::warn!(
+                    available,
+                    needed,
+                    "disk space below the reserve; refusing appends"
+                );
+                refuse(group, &|| {
+                    LedgerError::ResourceExhausted(format!(
+                        "the ledger's disk is full ({available} bytes free, {} reserved); nothing was appended: retry, idempotently, once space is freed",
+                        self.options.min_free_bytes
+                    ))
+                });
+                return;
+            }
         }
         match self.sequence(&group) {
             Ok((outcomes, None)) => {
@@ -208,55 +253,52 @@ impl Writer {
                     let _ = reply.send(outcome);
                 }
             }
-            Ok((outcomes, Some((batch, next_state)))) => {
-                let size = next_state.checkpoint.size;
-                match self.store.commit(&batch) {
-                    Ok(()) => {
-                        // Derived indexes follow the durable commit and precede publication,
-                        // so a reader bounded by the published size finds them complete.
-                        if let Some(indexer) = self.indexer.as_mut() {
-                            let entries: Vec<(u64, &[u8])> = batch
-                                .entries
-                                .iter()
-                                .map(|entry| (entry.index, entry.leaf.as_slice()))
-                                .collect();
-                            if let Err(error) = indexer.index(&entries) {
-                                // The entries are durable: acknowledge them, but write no more
-                                // until a restart re-derives the indexes from the ledger.
-                                tracing::error!(%error, "indexing failed; refusing further writes");
-                                self.failed =
-                                    Some(format!("indexing failed ({error}); restart the server"));
-                            }
-                        }
-                        self.published
-                            .checkpoint
-                            .store(Arc::new(next_state.checkpoint.clone()));
-                        self.state = next_state;
-                        tracing::debug!(tree_size = size, "group committed");
-                        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
-                            let _ = reply.send(outcome);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "group commit failed; refusing further writes");
-                        let reason =
-                            format!("a durable write failed ({error}); restart the server");
-                        self.failed = Some(reason.clone());
-                        for (_, reply) in group {
-                            let _ = reply.send(Err(LedgerError::Unavailable(reason.clone())));
-                        }
+            Ok((outcomes, Some((batch, next_state)))) => match self.store.commit(&batch) {
+                Ok(()) => {
+                    self.publish(&batch, next_state);
+                    for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome);
                     }
                 }
-            }
+                Err(error) => {
+                    // Not acknowledged. It may still reach the disk later (when retried),
+                    // so a client's idempotent retry then finds it as a duplicate.
+                    tracing::error!(%error, "group commit failed; holding it for retry");
+                    self.limbo = Some((batch, next_state));
+                    refuse(group, &|| commit_failure(&error));
+                }
+            },
             Err(error) => {
                 tracing::error!(%error, "sequencing failed; refusing further writes");
                 let reason = format!("sequencing failed ({error}); restart the server");
                 self.failed = Some(reason.clone());
-                for (_, reply) in group {
-                    let _ = reply.send(Err(LedgerError::Unavailable(reason.clone())));
-                }
+                refuse(group, &|| LedgerError::Unavailable(reason.clone()));
             }
         }
+    }
+
+    /// After a durable commit: index the new entries, then publish the checkpoint.
+    fn publish(&mut self, batch: &CommitBatch, next_state: WriterState) {
+        // Derived indexes follow the durable commit and precede publication, so a reader
+        // bounded by the published size finds them complete.
+        if let Some(indexer) = self.indexer.as_mut() {
+            let entries: Vec<(u64, &[u8])> = batch
+                .entries
+                .iter()
+                .map(|entry| (entry.index, entry.leaf.as_slice()))
+                .collect();
+            if let Err(error) = indexer.index(&entries) {
+                // The entries are durable: acknowledge them, but write no more until a
+                // restart re-derives the indexes from the ledger.
+                tracing::error!(%error, "indexing failed; refusing further writes");
+                self.failed = Some(format!("indexing failed ({error}); restart the server"));
+            }
+        }
+        self.published
+            .checkpoint
+            .store(Arc::new(next_state.checkpoint.clone()));
+        tracing::debug!(tree_size = next_state.checkpoint.size, "group committed");
+        self.state = next_state;
     }
 
     /// Decides every request of the group and builds the batch that makes the group's new
@@ -404,6 +446,18 @@ impl Writer {
             }
         }
         Ok(super::read_entry(self.store.as_ref(), index)?.leaf_hash)
+    }
+}
+
+/// What the callers of a group whose commit failed are told.
+fn commit_failure(error: &crate::storage::StorageError) -> LedgerError {
+    match error {
+        crate::storage::StorageError::NoSpace(_) => LedgerError::ResourceExhausted(format!(
+            "the ledger's disk is full ({error}); nothing was acknowledged: retry, idempotently, once space is freed"
+        )),
+        _ => LedgerError::Unavailable(format!(
+            "the ledger cannot write ({error}); nothing was acknowledged: retry, idempotently"
+        )),
     }
 }
 

@@ -65,6 +65,9 @@ impl IdempotencyRecord {
 /// A storage failure. The message is for operators; clients see a generic status.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The disk is full.
+    #[error("no space left on device: {0}")]
+    NoSpace(String),
     /// The underlying store failed (I/O, disk full, lock held by another process, ...).
     #[error("storage backend: {0}")]
     Backend(String),
@@ -105,6 +108,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every signed checkpoint ever committed, oldest first.
     fn checkpoints(&self) -> Checkpoints<'_>;
+
+    /// Bytes still free where the store writes, when the backend can tell.
+    fn available_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A key and its value.

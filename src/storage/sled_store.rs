@@ -22,6 +22,7 @@ const LAYOUT_VERSION: &[u8] = b"1";
 
 pub struct SledStore {
     db: sled::Db,
+    dir: std::path::PathBuf,
 }
 
 /// Name of the sled tree holding derived indexes.
@@ -75,8 +76,19 @@ impl IndexStore for SledIndex {
 }
 
 fn backend(error: sled::Error) -> StorageError {
-    StorageError::Backend(error.to_string())
+    match &error {
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || io.raw_os_error() == Some(ENOSPC) =>
+        {
+            StorageError::NoSpace(error.to_string())
+        }
+        _ => StorageError::Backend(error.to_string()),
+    }
 }
+
+/// Linux's "no space left on device".
+const ENOSPC: i32 = 28;
 
 /// The key of entry `index`'s leaf. Public so that tests can tamper with a stored leaf.
 pub fn leaf_key(index: u64) -> [u8; 9] {
@@ -150,7 +162,10 @@ impl SledStore {
                 db.flush().map_err(backend)?;
             }
         }
-        Ok(SledStore { db })
+        Ok(SledStore {
+            db,
+            dir: dir.to_owned(),
+        })
     }
 
     /// The derived-index space, a sled tree of its own beside the ledger's.
@@ -259,6 +274,10 @@ impl Store for SledStore {
             }
             None => Ok(None),
         }
+    }
+
+    fn available_bytes(&self) -> Option<u64> {
+        fs2::available_space(&self.dir).ok()
     }
 
     fn checkpoints(&self) -> Checkpoints<'_> {
