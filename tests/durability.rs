@@ -200,7 +200,12 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut next_message = 0u64;
 
-    for round in 0..4u64 {
+    // KILL_ROUNDS=50 for a release check; 4 in CI.
+    let rounds: u64 = std::env::var("KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    for round in 0..rounds {
         let server = ChildServer::start(dir.path());
         let mut client = connect(&server.address).await;
         checkpoints.push(checkpoint(&mut client).await);
