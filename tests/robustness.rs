@@ -384,3 +384,28 @@ impl audit_ledger::storage::IndexStore for MemoryIndex {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn calls_past_the_request_timeout_are_cancelled_not_left_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        audit_ledger::config::ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    // Far shorter than a durable batch of thousands (tokio's timer has 1 ms resolution).
+    config.request_timeout = std::time::Duration::from_millis(1);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let status = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.append(AppendRequest {
+            communication: Some(communication("s", 1)),
+        }),
+    )
+    .await
+    .expect("the server answers instead of hanging")
+    .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    server.stop().await;
+}
