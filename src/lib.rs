@@ -14,6 +14,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod bench;
 pub mod compliance;
 pub mod config;
 pub mod grpc;

@@ -38,9 +38,45 @@ enum Command {
     Verify(VerifyArgs),
     /// Rebuild a stopped ledger's derived indexes from its entries alone.
     Reindex(KeyArgs),
+    /// Load a running server over gRPC and report throughput and latency percentiles.
+    Bench(BenchArgs),
     /// Manage the principals of an auth file.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The server to load.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    #[arg(long, value_enum)]
+    scenario: audit_ledger::bench::Scenario,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// gRPC connections the requests share.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Communications per AppendBatch (batch scenario, and --populate).
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    /// Instead of measuring, fill the ledger with N communications (N facts with
+    /// --scenario check) through batches, and exit.
+    #[arg(long)]
+    populate: Option<u64>,
+    /// Bearer token.
+    #[arg(long, env = "AUDIT_LEDGER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data dir of a stopped ledger (verify scenario).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +190,7 @@ fn main() -> ExitCode {
         Command::VerifierKey(args) => verifier_key(args),
         Command::Verify(args) => verify(args),
         Command::Reindex(args) => reindex(args),
+        Command::Bench(args) => bench(args),
         Command::Token(TokenCommand::Add {
             name,
             role,
@@ -266,6 +303,81 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    use audit_ledger::bench::{self, BenchOptions, Scenario};
+    if args.scenario == Scenario::Verify {
+        let data_dir = args
+            .data_dir
+            .context("the verify scenario needs --data-dir of a stopped ledger")?;
+        let (entries, elapsed) = bench::verify_throughput(&data_dir)?;
+        let rate = entries as f64 / elapsed.as_secs_f64();
+        println!(
+            "verify: {entries} entries in {:.2}s, {rate:.0} entries/s",
+            elapsed.as_secs_f64()
+        );
+        if args.json {
+            let ms = elapsed.as_secs_f64() * 1000.0;
+            println!(
+                "{{\"scenario\":\"verify\",\"ops_per_sec\":{:.3},\"entries_per_sec\":{rate:.1},\"p50_ms\":{ms:.3},\"p99_ms\":{ms:.3},\"p999_ms\":{ms:.3}}}",
+                1.0 / elapsed.as_secs_f64()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    if let Some(count) = args.populate {
+        let bar = indicatif::ProgressBar::new(count);
+        let started = std::time::Instant::now();
+        let written = runtime.block_on(bench::populate(
+            &args.server,
+            &args.token,
+            args.scenario,
+            count,
+            args.batch,
+            |done| bar.set_position(done),
+        ))?;
+        bar.finish_and_clear();
+        let elapsed = started.elapsed().as_secs_f64();
+        println!(
+            "populated {written} {} in {elapsed:.1}s ({:.0}/s)",
+            if args.scenario == Scenario::Check {
+                "facts"
+            } else {
+                "communications"
+            },
+            written as f64 / elapsed
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = BenchOptions {
+        server: args.server,
+        scenario: args.scenario,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        duration: std::time::Duration::from_secs(args.duration.max(1)),
+        batch: args.batch,
+        token: args.token,
+    };
+    let report = runtime.block_on(bench::run(&options))?;
+    println!(
+        "{}: {} ops in {:.1}s: {:.0} ops/s, {:.0} entries/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} in flight over {} connections)",
+        bench::scenario_name(report.scenario),
+        report.operations,
+        report.elapsed.as_secs_f64(),
+        report.ops_per_sec(),
+        report.entries_per_sec(),
+        report.p50.as_secs_f64() * 1000.0,
+        report.p99.as_secs_f64() * 1000.0,
+        report.p999.as_secs_f64() * 1000.0,
+        options.concurrency,
+        options.connections
+    );
+    if args.json {
+        println!("{}", report.json());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn token_add(
