@@ -120,7 +120,15 @@ async fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_restart() 
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
-    // Still full: still refused, and the refused batch is not there.
+    // Still full (sled may give some space back by itself, so take what is left): still
+    // refused, and the refused batch is not there.
+    let filler2 = mount_point.path().join("filler2");
+    let left = fs2::available_space(mount_point.path()).unwrap();
+    std::fs::write(
+        &filler2,
+        vec![0u8; left.saturating_sub(1024 * 1024) as usize],
+    )
+    .unwrap();
     let status = client
         .append_batch(AppendBatchRequest {
             communications: (n - 8..n).map(big).collect(),
@@ -143,6 +151,7 @@ async fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_restart() 
 
     // Free space; appends succeed again without a restart.
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&filler2).unwrap();
     let appended = client
         .append(AppendRequest {
             communication: Some(communication("small", 2)),
