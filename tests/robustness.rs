@@ -394,10 +394,11 @@ async fn calls_past_the_request_timeout_are_cancelled_not_left_hanging() {
     config.request_timeout = std::time::Duration::from_millis(1);
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
+    let batch = (0..5_000).map(|n| communication("s", n)).collect();
     let status = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        client.append(AppendRequest {
-            communication: Some(communication("s", 1)),
+        client.append_batch(audit_ledger::proto::AppendBatchRequest {
+            communications: batch,
         }),
     )
     .await
