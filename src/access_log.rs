@@ -1,5 +1,5 @@
-//! The access trail: who read what. Every read and query by an auditor or admin (or, on a
-//! server without authentication, by anyone) becomes a record chained to the previous one
+//! The access trail: who read what. Every read and query by an auditor or admin becomes a
+//! record chained to the previous one
 //! by SHA-256, so that a removed or edited record breaks the chain. Auditors of auditors
 //! are a standard demand on communication archives.
 //!

@@ -8,10 +8,8 @@ use crate::auth::Principal;
 use crate::proto::access_log_service_server::AccessLogService;
 use crate::proto::{ListAccessLogRequest, ListAccessLogResponse};
 
-/// Principal name recorded when the server runs without authentication.
-pub const UNAUTHENTICATED: &str = "(unauthenticated)";
-
-/// Records one read or query by an auditor or admin (or by anyone, without authentication).
+/// Records one read or query by an auditor or admin. Without authentication (loopback
+/// mode) there are no principals and nothing to attribute, so nothing is recorded.
 /// A read that cannot be recorded fails: nothing is read unrecorded.
 pub fn record(
     log: &AccessLog,
@@ -20,14 +18,12 @@ pub fn record(
     request: String,
     result_count: u64,
 ) -> Result<(), Status> {
-    let (name, role) = match principal {
-        Some(principal) if !principal.role.is_audited() => return Ok(()),
-        Some(principal) => (principal.name.as_str(), principal.role.to_string()),
-        None => (UNAUTHENTICATED, String::new()),
+    let Some(principal) = principal.filter(|principal| principal.role.is_audited()) else {
+        return Ok(());
     };
     log.record(Access {
-        principal: name,
-        role: &role,
+        principal: &principal.name,
+        role: &principal.role.to_string(),
         method,
         request,
         result_count,
