@@ -11,23 +11,14 @@ use std::time::Duration;
 
 use audit_ledger::config::ServerConfig;
 use audit_ledger::proto::{
-    AppendBatchRequest, AppendRequest, Checkpoint, GetCheckpointRequest,
-    GetConsistencyProofRequest, GetEntryRequest,
+    AppendBatchRequest, AppendRequest, Checkpoint, GetConsistencyProofRequest, GetEntryRequest,
 };
 use audit_ledger::server::{STORE_DIR_NAME, Server};
 use audit_ledger::storage::SledStore;
 use audit_ledger::storage::sled_store::{checkpoint_key, leaf_key, nodes_key};
-use common::{ChildServer, TestServer, communication, connect, hash32, rfc9162};
-
-async fn checkpoint(client: &mut common::Client) -> Checkpoint {
-    client
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap()
-}
+use common::{
+    ChildServer, TestServer, checkpoint, communication, connect, hash32, rfc9162, run_verify,
+};
 
 async fn assert_consistent(client: &mut common::Client, old: &Checkpoint, new: &Checkpoint) {
     let proof = client
@@ -50,17 +41,6 @@ async fn assert_consistent(client: &mut common::Client, old: &Checkpoint, new: &
         new.size,
         old.size
     );
-}
-
-fn run_verify(data_dir: &Path) -> (bool, String) {
-    let output = Command::new(common::binary())
-        .arg("verify")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    (output.status.success(), stdout)
 }
 
 #[tokio::test]

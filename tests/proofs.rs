@@ -4,22 +4,11 @@
 mod common;
 
 use audit_ledger::proto::{
-    AppendRequest, Checkpoint, GetCheckpointRequest, GetConsistencyProofRequest, GetEntryRequest,
-    GetInclusionProofRequest,
+    AppendRequest, GetConsistencyProofRequest, GetEntryRequest, GetInclusionProofRequest,
 };
-use common::{TestServer, communication, hash32, rfc9162};
+use common::{TestServer, checkpoint, communication, hash32, rfc9162};
 use signed_note::{Note, StandardVerifier, VerifierList};
 use tonic::Code;
-
-async fn checkpoint(client: &mut common::Client) -> Checkpoint {
-    client
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap()
-}
 
 /// Verifies the note with the verifier key and returns (origin, size, root) from its text.
 fn verify_note(note: &str, verifier_key: &str) -> (String, u64, [u8; 32]) {

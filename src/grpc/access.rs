@@ -34,6 +34,36 @@ pub fn record(
     })
 }
 
+/// Records the reads of one service: `record(principal, "GetEntry", …)`.
+#[derive(Clone)]
+pub struct Recorder {
+    log: AccessLog,
+    service: &'static str,
+}
+
+impl Recorder {
+    /// `service` is the path prefix, e.g. `/audit.ledger.v1.LedgerService/`.
+    pub fn new(log: AccessLog, service: &'static str) -> Self {
+        Recorder { log, service }
+    }
+
+    pub fn record(
+        &self,
+        principal: Option<&Principal>,
+        method: &str,
+        request: String,
+        result_count: u64,
+    ) -> Result<(), Status> {
+        record(
+            &self.log,
+            principal,
+            &format!("{}{method}", self.service),
+            request,
+            result_count,
+        )
+    }
+}
+
 #[derive(Clone)]
 pub struct AccessLogApi {
     log: AccessLog,

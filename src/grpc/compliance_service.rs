@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::access::Recorder;
 use crate::access_log::AccessLog;
 use crate::auth::Principal;
 
@@ -22,11 +23,13 @@ use crate::records::communication::policy_topic;
 use crate::records::prepare_fact;
 use crate::records::validate;
 
+const SERVICE: &str = "/audit.ledger.v1.ComplianceService/";
+
 #[derive(Clone)]
 pub struct ComplianceApi {
     ledger: Ledger,
     compliance: Compliance,
-    access: AccessLog,
+    access: Recorder,
     config: ServerConfig,
 }
 
@@ -40,25 +43,9 @@ impl ComplianceApi {
         ComplianceApi {
             ledger,
             compliance,
-            access,
+            access: Recorder::new(access, SERVICE),
             config,
         }
-    }
-
-    fn record(
-        &self,
-        principal: Option<&Principal>,
-        method: &str,
-        request: String,
-        count: u64,
-    ) -> Result<(), Status> {
-        super::access::record(
-            &self.access,
-            principal,
-            &format!("/audit.ledger.v1.ComplianceService/{method}"),
-            request,
-            count,
-        )
     }
 }
 
@@ -194,7 +181,7 @@ impl ComplianceService for ComplianceApi {
             self.compliance.check(&question, request.as_of_tree_size)
         };
         let (assessment, tree_size) = check().map_err(to_status)?;
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "CheckSender",
             format!(
@@ -249,7 +236,7 @@ impl ComplianceService for ComplianceApi {
         };
         let page = run().map_err(to_status)?;
         let tree_size = page.tree_size;
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "ListViolations",
             format!(
@@ -299,7 +286,7 @@ impl ComplianceService for ComplianceApi {
                 .list_communications(&filter, request.page_size, &request.page_token)
         };
         let page = run().map_err(to_status)?;
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "ListCommunications",
             format!(

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::access::record;
+use super::access::Recorder;
 use super::convert::{assessment_message, entry_message};
 use super::status::to_status;
 use crate::access_log::AccessLog;
@@ -30,7 +30,7 @@ const LIST_BUFFER: usize = 64;
 pub struct LedgerApi {
     ledger: Ledger,
     compliance: Compliance,
-    access: AccessLog,
+    access: Recorder,
     config: ServerConfig,
 }
 
@@ -46,25 +46,9 @@ impl LedgerApi {
         LedgerApi {
             ledger,
             compliance,
-            access,
+            access: Recorder::new(access, SERVICE),
             config,
         }
-    }
-
-    fn record(
-        &self,
-        principal: Option<&Principal>,
-        method: &str,
-        request: String,
-        count: u64,
-    ) -> Result<(), Status> {
-        record(
-            &self.access,
-            principal,
-            &format!("{SERVICE}{method}"),
-            request,
-            count,
-        )
     }
 
     /// The verdict at ingestion: the communication judged at its sent_at on the facts the
@@ -213,7 +197,7 @@ impl LedgerService for LedgerApi {
         let principal = request.extensions().get::<Principal>().cloned();
         let index = request.into_inner().index;
         let entry = self.ledger.entry(index).map_err(to_status);
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "GetEntry",
             format!("index={index}"),
@@ -252,7 +236,7 @@ impl LedgerService for LedgerApi {
         };
         // The stream covers the tree as published when the call started.
         let end = request.start_index.saturating_add(limit).min(tree_size);
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "ListEntries",
             format!(
@@ -287,7 +271,8 @@ impl LedgerService for LedgerApi {
         request: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
         let principal = request.extensions().get::<Principal>();
-        self.record(principal, "GetCheckpoint", String::new(), 1)?;
+        self.access
+            .record(principal, "GetCheckpoint", String::new(), 1)?;
         Ok(Response::new(GetCheckpointResponse {
             checkpoint: Some(checkpoint_message(&self.ledger.checkpoint())),
         }))
@@ -299,7 +284,7 @@ impl LedgerService for LedgerApi {
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "GetInclusionProof",
             format!("index={} tree_size={}", request.index, request.tree_size),
@@ -326,7 +311,7 @@ impl LedgerService for LedgerApi {
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
-        self.record(
+        self.access.record(
             principal.as_ref(),
             "GetConsistencyProof",
             format!(

@@ -158,6 +158,31 @@ pub fn communication(sender: &str, n: u64) -> Communication {
     }
 }
 
+/// The latest signed checkpoint.
+pub async fn checkpoint(client: &mut Client) -> audit_ledger::proto::Checkpoint {
+    client
+        .get_checkpoint(audit_ledger::proto::GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap()
+}
+
+/// Runs `audit-ledger verify` on a stopped ledger: (success, stdout).
+pub fn run_verify(data_dir: &Path) -> (bool, String) {
+    let output = Command::new(binary())
+        .arg("verify")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+    )
+}
+
 pub fn hash32(bytes: &[u8]) -> rfc9162::Hash {
     bytes.try_into().expect("32-byte hash")
 }
