@@ -134,6 +134,9 @@ impl SledStore {
             .cache_capacity(cache_bytes)
             // We flush at every group commit ourselves; sled's timer flush adds nothing.
             .flush_every_ms(None)
+            // Measured: batches of 1,000 at 7,942 entries/s against 5,385 in the default
+            // LowSpace mode, unary appends +11 %, for ~10 % more disk (docs/BENCHMARKS.md).
+            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|error| match error {
                 // sled reports its exclusive file lock as an I/O error with this text.
