@@ -132,6 +132,11 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// The name recorded as `LeafRecord.submitted_by`: empty without authentication.
+    pub fn name_of(principal: Option<&Principal>) -> &str {
+        principal.map_or("", |principal| principal.name.as_str())
+    }
+
     /// Whether this principal may submit communications for `sender_id`.
     pub fn may_send_as(&self, sender_id: &str) -> bool {
         self.senders.is_empty() || self.senders.iter().any(|s| s == sender_id)

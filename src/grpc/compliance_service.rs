@@ -118,7 +118,7 @@ impl ComplianceService for ComplianceApi {
             fact,
             "fact",
             &self.config.record_limits,
-            super::ledger_service::submitted_by(principal.as_ref()),
+            Principal::name_of(principal.as_ref()),
         )
         .map_err(to_status)?;
         if let Some(subscription_id) = transfer_of {
@@ -133,11 +133,7 @@ impl ComplianceService for ComplianceApi {
                 )));
             }
         }
-        let appended = self.ledger.append(vec![record]).await.map_err(to_status)?;
-        let appended = appended
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::internal("the ledger returned no result"))?;
+        let appended = self.ledger.append_one(record).await.map_err(to_status)?;
         Ok(Response::new(RecordFactResponse {
             index: appended.index,
             leaf_hash: appended.leaf_hash.0.to_vec(),

@@ -65,11 +65,6 @@ impl LedgerApi {
     }
 }
 
-/// The name recorded as `LeafRecord.submitted_by`.
-pub(super) fn submitted_by(principal: Option<&Principal>) -> &str {
-    principal.map_or("", |principal| principal.name.as_str())
-}
-
 /// A writer bound to sender ids may only submit communications for them.
 fn check_sender_binding(
     principal: Option<&Principal>,
@@ -126,14 +121,10 @@ impl LedgerService for LedgerApi {
             communication,
             "communication",
             &self.config.record_limits,
-            submitted_by(principal.as_ref()),
+            Principal::name_of(principal.as_ref()),
         )
         .map_err(to_status)?;
-        let appended = self.ledger.append(vec![record]).await.map_err(to_status)?;
-        let appended = appended
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::internal("the ledger returned no result"))?;
+        let appended = self.ledger.append_one(record).await.map_err(to_status)?;
         Ok(Response::new(AppendResponse {
             index: appended.index,
             leaf_hash: appended.leaf_hash.0.to_vec(),
@@ -176,7 +167,7 @@ impl LedgerService for LedgerApi {
                     communication,
                     &format!("communications[{position}]"),
                     &self.config.record_limits,
-                    submitted_by(principal.as_ref()),
+                    Principal::name_of(principal.as_ref()),
                 )
             })
             .collect::<Result<Vec<_>, LedgerError>>()

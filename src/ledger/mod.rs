@@ -209,6 +209,14 @@ impl Ledger {
             .map_err(|_| LedgerError::Unavailable("the ledger is shutting down".into()))?
     }
 
+    /// Appends one record (see [`Ledger::append`]).
+    pub async fn append_one(&self, record: NewRecord) -> Result<Appended, LedgerError> {
+        self.append(vec![record])
+            .await?
+            .pop()
+            .ok_or_else(|| LedgerError::Unavailable("the writer returned no result".into()))
+    }
+
     /// The latest signed checkpoint. Every acknowledged append is covered by it.
     pub fn checkpoint(&self) -> Arc<SignedCheckpoint> {
         self.published.checkpoint.load_full()
