@@ -181,11 +181,11 @@ impl AccessLog {
                 interval.tick().await;
                 let size = log.size();
                 if size != flushed {
-                    let log = log.clone();
-                    match tokio::task::spawn_blocking(move || log.flush()).await {
-                        Ok(Ok(())) => flushed = size,
-                        Ok(Err(error)) => tracing::error!(%error, "access log flush failed"),
-                        Err(_) => {}
+                    // Inline, not on the blocking pool: when the task is aborted at shutdown
+                    // nothing may keep the store open behind it.
+                    match log.flush() {
+                        Ok(()) => flushed = size,
+                        Err(error) => tracing::error!(%error, "access log flush failed"),
                     }
                 }
             }

@@ -233,6 +233,7 @@ impl Server {
             }
         };
         flusher.abort();
+        let _ = flusher.await;
         if let Err(error) = self.access.flush() {
             tracing::error!(%error, "access log flush at shutdown failed");
         }

@@ -65,6 +65,17 @@ impl TestServer {
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
+        // Connection tasks still winding down may hold the store for a moment after
+        // `serve` returns (a process exit would release it); wait until it is free so the
+        // next test step can open it.
+        let store = self.data_dir.join(audit_ledger::server::STORE_DIR_NAME);
+        for _ in 0..200 {
+            match audit_ledger::storage::SledStore::open(&store, 1 << 20) {
+                Ok(_) => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+        panic!("{} stayed locked after the server stopped", store.display());
     }
 }
 
