@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+
+/// sled allocates and frees a node copy on every insert and read; mimalloc measured faster
+/// than the system allocator for it (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Args, Parser, Subcommand};
 
 use audit_ledger::access_log::AccessLog;

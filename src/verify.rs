@@ -2,11 +2,14 @@
 //! body digest and idempotency key, the root against the latest signed checkpoint, and every
 //! checkpoint ever signed against the tree. Trusts nothing but the verifier key.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, decode_header};
-use crate::ledger::merkle::{self, Hash};
+use crate::ledger::merkle::{self, Frontier, Hash};
 use crate::ledger::time::Timestamp;
 use crate::ledger::{CheckpointVerifier, StoreNodes};
 use crate::proto::{LeafRecord, leaf_record};
@@ -58,8 +61,20 @@ fn entry_error(index: u64, problem: impl Into<String>) -> VerifyError {
 pub fn verify_store(
     store: &dyn Store,
     verifier: &CheckpointVerifier,
+    progress: impl FnMut(u64, u64),
+) -> Result<VerifyReport, VerifyError> {
+    verify_store_in_chunks(store, verifier, CHUNK, progress)
+}
+
+/// [`verify_store`] with entries split among threads in chunks of `chunk` (tests use small
+/// chunks to check that the first bad index does not depend on how the work is split).
+pub fn verify_store_in_chunks(
+    store: &dyn Store,
+    verifier: &CheckpointVerifier,
+    chunk: u64,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, VerifyError> {
+    let chunk = chunk.max(1);
     let (stored_size, note) = store
         .latest_checkpoint()?
         .ok_or(VerifyError::NoCheckpoint)?;
@@ -85,56 +100,8 @@ pub fn verify_store(
         }
     }
 
+    verify_entries(store, size, chunk, &mut progress)?;
     let nodes = StoreNodes(store);
-    let mut prev_leaf_hash = GENESIS_PREV_LEAF_HASH;
-    let mut prev_recorded_at = Timestamp::default();
-    for index in 0..size {
-        let leaf = store
-            .leaf(index)?
-            .ok_or_else(|| entry_error(index, "leaf is missing"))?;
-        let header = decode_header(&leaf).map_err(|error| entry_error(index, error.to_string()))?;
-        if header.index != index {
-            return Err(entry_error(
-                index,
-                format!("leaf says index {}", header.index),
-            ));
-        }
-        if header.prev_leaf_hash != prev_leaf_hash {
-            return Err(entry_error(
-                index,
-                "prev_leaf_hash does not link to the previous entry",
-            ));
-        }
-        if header.recorded_at < prev_recorded_at {
-            return Err(entry_error(index, "recorded_at goes back in time"));
-        }
-        let leaf_hash = merkle::leaf_hash(&leaf);
-        let stored_nodes = store
-            .leaf_nodes(index)?
-            .ok_or_else(|| entry_error(index, "tree nodes are missing"))?;
-        if stored_nodes.first() != Some(&leaf_hash) {
-            return Err(entry_error(
-                index,
-                "leaf bytes do not match the leaf hash in the tree",
-            ));
-        }
-        // Earlier nodes were verified already, so they may be read to recompute these.
-        let expected_nodes = merkle::nodes_for_new_leaf(index, leaf_hash, &nodes)
-            .map_err(|error| entry_error(index, format!("tree nodes: {error}")))?;
-        if stored_nodes != expected_nodes {
-            return Err(entry_error(
-                index,
-                "stored tree nodes do not match the leaves",
-            ));
-        }
-        check_record(store, index, &leaf)?;
-        prev_leaf_hash = leaf_hash;
-        prev_recorded_at = header.recorded_at;
-        if index % 4096 == 0 {
-            progress(index, size);
-        }
-    }
-    progress(size, size);
 
     let root_hash = merkle::root_hash(size, &nodes).map_err(|error| VerifyError::Checkpoint {
         size,
@@ -179,39 +146,220 @@ pub fn verify_store(
     })
 }
 
-/// The record inside a leaf: its body digest and its idempotency key.
-fn check_record(store: &dyn Store, index: u64, leaf: &[u8]) -> Result<(), VerifyError> {
+/// Entries are checked in chunks of this many, on every core.
+const CHUNK: u64 = 1 << 15;
+
+/// Checks entries `0..size`: leaf, chain link, tree nodes, body, idempotency key. Chunks are
+/// checked in parallel, each in one sequential scan that recomputes the tree's nodes from
+/// the frontier at its start; the error returned is the one at the lowest index, exactly
+/// what a sequential pass would report first.
+fn verify_entries(
+    store: &dyn Store,
+    size: u64,
+    chunk: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), VerifyError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next_chunk = AtomicU64::new(0);
+    let checked = AtomicU64::new(0);
+    // The lowest failing index so far, and its error.
+    let failed_at = AtomicU64::new(u64::MAX);
+    let first_failure: Mutex<Option<(u64, VerifyError)>> = Mutex::new(None);
+    let claims: Mutex<Vec<Claim>> = Mutex::new(Vec::new());
+    let stored = std::thread::scope(|scope| {
+        // The stored idempotency index is read alongside, for the comparison at the end.
+        let stored = scope.spawn(|| stored_claims(store));
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    loop {
+                        let start = next_chunk.fetch_add(chunk, Ordering::Relaxed);
+                        // Chunks past a failure cannot lower the first bad index.
+                        if start >= size || start > failed_at.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let end = start.saturating_add(chunk).min(size);
+                        match verify_chunk(store, start, end, &checked) {
+                            Ok(mut chunk) => claims.lock().expect("claims lock").append(&mut chunk),
+                            Err((index, error)) => {
+                                let mut first = first_failure.lock().expect("failure lock");
+                                if first.as_ref().is_none_or(|(known, _)| index < *known) {
+                                    failed_at.store(index, Ordering::Relaxed);
+                                    *first = Some((index, error));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        while !workers.iter().all(|worker| worker.is_finished()) {
+            progress(checked.load(Ordering::Relaxed), size);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        stored.join().expect("the idempotency scan does not panic")
+    });
+    if let Some((_, error)) = first_failure.into_inner().expect("failure lock") {
+        return Err(error);
+    }
+    check_idempotency_index(size, claims.into_inner().expect("claims lock"), stored?)?;
+    progress(size, size);
+    Ok(())
+}
+
+/// The stored idempotency index as claims.
+fn stored_claims(store: &dyn Store) -> Result<Vec<Claim>, StorageError> {
+    store
+        .idempotency_records()
+        .map(|item| {
+            let (key, record) = item?;
+            Ok((Sha256::digest(&key).into(), record.index))
+        })
+        .collect()
+}
+
+/// What an entry's idempotency key must map to: `(SHA-256 of the key, entry index)`.
+type Claim = ([u8; 32], u64);
+
+/// The stored idempotency index must be exactly the entries' keys, each pointing at its own
+/// entry: one sorted comparison instead of a random look-up per entry. A difference is
+/// reported at the lowest entry it concerns.
+fn check_idempotency_index(
+    size: u64,
+    mut expected: Vec<Claim>,
+    mut stored: Vec<Claim>,
+) -> Result<(), VerifyError> {
+    expected.sort_unstable();
+    stored.sort_unstable();
+    if expected == stored {
+        return Ok(());
+    }
+    // The lowest index at which the two differ, on either side.
+    let mut first_bad = u64::MAX;
+    let (mut e, mut s) = (expected.iter().peekable(), stored.iter().peekable());
+    loop {
+        match (e.peek(), s.peek()) {
+            (Some(a), Some(b)) if a == b => {
+                e.next();
+                s.next();
+            }
+            (Some(a), Some(b)) if a.0 == b.0 => {
+                // The entry whose key points elsewhere.
+                first_bad = first_bad.min(a.1);
+                e.next();
+                s.next();
+            }
+            (Some(a), Some(b)) if a.0 < b.0 => {
+                first_bad = first_bad.min(a.1);
+                e.next();
+            }
+            (Some(_), Some(b)) | (None, Some(b)) => {
+                first_bad = first_bad.min(b.1);
+                s.next();
+            }
+            (Some(a), None) => {
+                first_bad = first_bad.min(a.1);
+                e.next();
+            }
+            (None, None) => break,
+        }
+    }
+    let index = first_bad.min(size);
+    Err(entry_error(
+        index,
+        "the idempotency index ((sender_id, message_id) or fact_id) does not point at this entry",
+    ))
+}
+
+/// Checks entries `start..end`, given that the entries before `start` are checked by others.
+fn verify_chunk(
+    store: &dyn Store,
+    start: u64,
+    end: u64,
+    checked: &AtomicU64,
+) -> Result<Vec<Claim>, (u64, VerifyError)> {
+    let mut claims = Vec::with_capacity(usize::try_from(end - start).unwrap_or(0));
+    let at = |index: u64| move |error: VerifyError| (index, error);
+    let mut frontier = Frontier::at(start, &StoreNodes(store))
+        .map_err(|error| (start, entry_error(start, format!("tree nodes: {error}"))))?;
+    // The link into this chunk: the previous entry's leaf (its own chunk checks it).
+    let (mut prev_leaf_hash, mut prev_recorded_at) = match start.checked_sub(1) {
+        None => (GENESIS_PREV_LEAF_HASH, Timestamp::default()),
+        Some(previous) => {
+            let leaf = store
+                .leaf(previous)
+                .map_err(|error| (previous, error.into()))?
+                .ok_or_else(|| (previous, entry_error(previous, "leaf is missing")))?;
+            let header = decode_header(&leaf)
+                .map_err(|error| (previous, entry_error(previous, error.to_string())))?;
+            (merkle::leaf_hash(&leaf), header.recorded_at)
+        }
+    };
+    for entry in store.entries(start, end) {
+        let entry = entry.map_err(|error| (start, error.into()))?;
+        let index = entry.index;
+        let leaf = entry
+            .leaf
+            .ok_or_else(|| entry_error(index, "leaf is missing"))
+            .map_err(at(index))?;
+        let header =
+            decode_header(&leaf).map_err(|error| (index, entry_error(index, error.to_string())))?;
+        let problem = if header.index != index {
+            Some(format!("leaf says index {}", header.index))
+        } else if header.prev_leaf_hash != prev_leaf_hash {
+            Some("prev_leaf_hash does not link to the previous entry".into())
+        } else if header.recorded_at < prev_recorded_at {
+            Some("recorded_at goes back in time".into())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err((index, entry_error(index, problem)));
+        }
+        let leaf_hash = merkle::leaf_hash(&leaf);
+        let stored_nodes = entry
+            .nodes
+            .ok_or_else(|| entry_error(index, "tree nodes are missing"))
+            .map_err(at(index))?;
+        if stored_nodes.first() != Some(&leaf_hash) {
+            return Err((
+                index,
+                entry_error(index, "leaf bytes do not match the leaf hash in the tree"),
+            ));
+        }
+        if stored_nodes != frontier.push(leaf_hash) {
+            return Err((
+                index,
+                entry_error(index, "stored tree nodes do not match the leaves"),
+            ));
+        }
+        claims.push(check_record(index, &leaf, entry.body).map_err(at(index))?);
+        prev_leaf_hash = leaf_hash;
+        prev_recorded_at = header.recorded_at;
+        if index % 4096 == 4095 {
+            checked.fetch_add(4096, Ordering::Relaxed);
+        }
+    }
+    Ok(claims)
+}
+
+/// The record inside a leaf: its body digest; returns its idempotency claim.
+fn check_record(index: u64, leaf: &[u8], body: Option<Vec<u8>>) -> Result<Claim, VerifyError> {
     let record = LeafRecord::decode(leaf)
         .map_err(|_| entry_error(index, "leaf is not a LeafRecord"))?
         .record
         .ok_or_else(|| entry_error(index, "leaf carries no record"))?;
-    match record {
+    let key = match record {
         leaf_record::Record::Communication(communication) => {
-            let body = store
-                .body(index)?
-                .ok_or_else(|| entry_error(index, "body is missing"))?;
+            let body = body.ok_or_else(|| entry_error(index, "body is missing"))?;
             if body.len() as u64 != communication.body_size
                 || Sha256::digest(&body).as_slice() != communication.body_sha256.as_slice()
             {
                 return Err(entry_error(index, "body does not match body_sha256"));
             }
-            let key = idempotency_key(&communication.sender_id, &communication.message_id);
-            match store.idempotency_record(&key)? {
-                Some(claim) if claim.index == index => Ok(()),
-                _ => Err(entry_error(
-                    index,
-                    "the (sender_id, message_id) index does not point at this entry",
-                )),
-            }
+            idempotency_key(&communication.sender_id, &communication.message_id)
         }
-        leaf_record::Record::Fact(fact) => {
-            match store.idempotency_record(&crate::records::fact::idempotency_key(&fact.fact_id))? {
-                Some(claim) if claim.index == index => Ok(()),
-                _ => Err(entry_error(
-                    index,
-                    "the fact_id index does not point at this entry",
-                )),
-            }
-        }
-    }
+        leaf_record::Record::Fact(fact) => crate::records::fact::idempotency_key(&fact.fact_id),
+    };
+    Ok((Sha256::digest(&key).into(), index))
 }

@@ -358,6 +358,32 @@ async fn verify_names_the_first_bad_index_of_an_altered_store() {
     assert!(!ok);
     assert!(output.starts_with("FAILED at entry 9"), "{output}");
 
+    // The idempotency index: one key points at another entry, another key is gone.
+    for (tampered, change) in [(4u64, "repoint"), (6, "remove")] {
+        let dir = tempfile::tempdir().unwrap();
+        ledger_with_entries(dir.path(), 12).await;
+        alter(dir.path(), |db| {
+            let (key, mut value) = db
+                .scan_prefix(b"i")
+                .map(|item| item.unwrap())
+                .find(|(_, value)| value[..8] == tampered.to_be_bytes())
+                .map(|(key, value)| (key, value.to_vec()))
+                .expect("entry has an idempotency record");
+            if change == "remove" {
+                db.remove(key).unwrap();
+            } else {
+                value[..8].copy_from_slice(&3u64.to_be_bytes());
+                db.insert(key, value).unwrap();
+            }
+        });
+        let (ok, output) = run_verify(dir.path());
+        assert!(!ok);
+        assert!(
+            output.starts_with(&format!("FAILED at entry {tampered}")),
+            "{change}: {output}"
+        );
+    }
+
     // A changed checkpoint.
     let dir = tempfile::tempdir().unwrap();
     ledger_with_entries(dir.path(), 12).await;
@@ -371,6 +397,32 @@ async fn verify_names_the_first_bad_index_of_an_altered_store() {
     let (ok, output) = run_verify(dir.path());
     assert!(!ok);
     assert!(output.contains("checkpoint for tree size 12"), "{output}");
+}
+
+#[tokio::test]
+async fn the_first_bad_index_does_not_depend_on_how_verify_splits_the_work() {
+    let dir = tempfile::tempdir().unwrap();
+    ledger_with_entries(dir.path(), 40).await;
+    let verify = |chunk: u64| {
+        let signer =
+            audit_ledger::keys::load(&audit_ledger::keys::key_path(dir.path(), None)).unwrap();
+        let store = SledStore::open(&dir.path().join(STORE_DIR_NAME), 1 << 20).unwrap();
+        audit_ledger::verify::verify_store_in_chunks(&store, &signer.verifier(), chunk, |_, _| {})
+            .map(|report| report.tree_size)
+            .map_err(|error| error.first_bad_index())
+    };
+    for chunk in [1, 3, 7, 40, 1000] {
+        assert_eq!(verify(chunk), Ok(40), "chunk {chunk}");
+    }
+    alter(dir.path(), |db| flip_a_byte(db, &nodes_key(33)));
+    for chunk in [1, 3, 7, 40, 1000] {
+        assert_eq!(verify(chunk), Err(Some(33)), "chunk {chunk}");
+    }
+    // A second, earlier fault wins whichever thread finds it.
+    alter(dir.path(), |db| flip_a_byte(db, &leaf_key(9)));
+    for chunk in [1, 3, 7, 40, 1000] {
+        assert_eq!(verify(chunk), Err(Some(9)), "chunk {chunk}");
+    }
 }
 
 #[tokio::test]

@@ -204,6 +204,62 @@ impl<S: NodeSource + ?Sized> NodeSource for PendingNodes<'_, S> {
     }
 }
 
+/// The right edge of a tree: the roots of the perfect subtrees that make up a tree of `size`
+/// leaves, largest first. Enough to extend the tree leaf by leaf with no reads, which is how
+/// `verify` recomputes every stored node in one sequential pass.
+#[derive(Debug, Clone)]
+pub struct Frontier {
+    size: u64,
+    /// `(level, root)` of each perfect subtree, levels strictly decreasing.
+    roots: Vec<(u8, Hash)>,
+}
+
+impl Frontier {
+    /// The frontier of the tree of `size` leaves, from at most log2(size) stored nodes.
+    pub fn at<S: NodeSource + ?Sized>(size: u64, source: &S) -> Result<Self, ProofError> {
+        check_size(size)?;
+        let mut levels = Vec::new();
+        let mut indices = Vec::new();
+        let mut start = 0u64;
+        for level in (0..64u8).rev() {
+            if size & (1 << level) != 0 {
+                levels.push(level);
+                indices.push(stored_hash_index(level, start >> level));
+                start += 1 << level;
+            }
+        }
+        let hashes = source.nodes(&indices)?;
+        Ok(Frontier {
+            size,
+            roots: levels.into_iter().zip(hashes).collect(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf and returns the nodes it adds in stored-hash order (what
+    /// [`nodes_for_new_leaf`] returns): its hash, then each subtree root it completes.
+    pub fn push(&mut self, leaf_hash: Hash) -> Vec<Hash> {
+        let mut added = vec![leaf_hash];
+        let mut level = 0u8;
+        let mut node = leaf_hash;
+        while let Some(&(top_level, left)) = self.roots.last() {
+            if top_level != level {
+                break;
+            }
+            self.roots.pop();
+            node = node_hash(left, node);
+            level += 1;
+            added.push(node);
+        }
+        self.roots.push((level, node));
+        self.size += 1;
+        added
+    }
+}
+
 /// A complete in-memory node set, for tests and for recomputing a tree from its leaves.
 #[derive(Default)]
 pub struct MemoryNodes {
@@ -268,6 +324,22 @@ mod tests {
         .iter()
         .map(|leaf| hex::decode(leaf).unwrap())
         .collect()
+    }
+
+    #[test]
+    fn a_frontier_adds_the_same_nodes_as_the_stored_hash_layout() {
+        let mut tree = MemoryNodes::default();
+        let mut from_empty = Frontier::at(0, &tree).unwrap();
+        for n in 0..300u64 {
+            let hash = leaf_hash(&n.to_be_bytes());
+            let expected = nodes_for_new_leaf(n, hash, &tree).unwrap();
+            // Started from the store at this size, or carried along from the empty tree.
+            let mut resumed = Frontier::at(n, &tree).unwrap();
+            assert_eq!(resumed.push(hash), expected, "leaf {n}, resumed");
+            assert_eq!(from_empty.push(hash), expected, "leaf {n}, carried");
+            assert_eq!(from_empty.size(), n + 1);
+            tree.push_leaf(hash).unwrap();
+        }
     }
 
     fn reference_tree(size: usize) -> MemoryNodes {

@@ -103,17 +103,50 @@ pub trait Store: Send + Sync + 'static {
 
     fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError>;
 
+    /// Every idempotency key with its record, in any order (`verify` compares them all).
+    fn idempotency_records(&self) -> IdempotencyRecords<'_>;
+
     /// The most recent signed checkpoint: `(tree size, note)`.
     fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
 
     /// Every signed checkpoint ever committed, oldest first.
     fn checkpoints(&self) -> Checkpoints<'_>;
 
+    /// Entries `from..to` in order, one item per index (missing parts are `None`). The
+    /// default reads them one by one; a backend with ordered scans does better.
+    fn entries(&self, from: u64, to: u64) -> RawEntries<'_> {
+        Box::new((from..to).map(move |index| {
+            Ok(RawEntry {
+                index,
+                leaf: self.leaf(index)?,
+                nodes: self.leaf_nodes(index)?,
+                body: self.body(index)?,
+            })
+        }))
+    }
+
     /// Bytes still free where the store writes, when the backend can tell.
     fn available_bytes(&self) -> Option<u64> {
         None
     }
 }
+
+/// One entry as the store holds it, for sequential reads (`verify`). A part that is not
+/// stored is `None`: the reader decides what that means.
+#[derive(Debug)]
+pub struct RawEntry {
+    pub index: u64,
+    pub leaf: Option<Vec<u8>>,
+    pub nodes: Option<Vec<Hash>>,
+    pub body: Option<Vec<u8>>,
+}
+
+/// Entries in index order.
+pub type RawEntries<'a> = Box<dyn Iterator<Item = Result<RawEntry, StorageError>> + Send + 'a>;
+
+/// Idempotency keys and their records.
+pub type IdempotencyRecords<'a> =
+    Box<dyn Iterator<Item = Result<(Vec<u8>, IdempotencyRecord), StorageError>> + 'a>;
 
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);

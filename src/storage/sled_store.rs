@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use super::{
-    Checkpoints, CommitBatch, IdempotencyRecord, IndexStore, KeyValue, StorageError, Store,
+    Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, IndexStore, KeyValue,
+    RawEntries, RawEntry, StorageError, Store,
 };
 use crate::ledger::merkle::{HASH_SIZE, Hash};
 
@@ -117,6 +118,19 @@ fn index_of(key: &[u8]) -> Result<u64, StorageError> {
         .and_then(|bytes| bytes.try_into().ok())
         .map(u64::from_be_bytes)
         .ok_or_else(|| StorageError::Malformed(format!("key {key:02x?}")))
+}
+
+fn decode_nodes(index: u64, bytes: &[u8]) -> Result<Vec<Hash>, StorageError> {
+    if bytes.is_empty() || bytes.len() % HASH_SIZE != 0 {
+        return Err(StorageError::Malformed(format!(
+            "tree nodes of entry {index} are {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(HASH_SIZE)
+        .map(|chunk| Hash(chunk.try_into().expect("chunks of HASH_SIZE")))
+        .collect())
 }
 
 fn idempotency_key(key: &[u8]) -> Vec<u8> {
@@ -236,21 +250,48 @@ impl Store for SledStore {
     }
 
     fn leaf_nodes(&self, index: u64) -> Result<Option<Vec<Hash>>, StorageError> {
-        let Some(bytes) = self.db.get(nodes_key(index)).map_err(backend)? else {
-            return Ok(None);
-        };
-        if bytes.is_empty() || bytes.len() % HASH_SIZE != 0 {
-            return Err(StorageError::Malformed(format!(
-                "tree nodes of entry {index} are {} bytes",
-                bytes.len()
-            )));
+        match self.db.get(nodes_key(index)).map_err(backend)? {
+            Some(bytes) => decode_nodes(index, &bytes).map(Some),
+            None => Ok(None),
         }
-        Ok(Some(
-            bytes
-                .chunks_exact(HASH_SIZE)
-                .map(|chunk| Hash(chunk.try_into().expect("chunks of HASH_SIZE")))
-                .collect(),
-        ))
+    }
+
+    fn entries(&self, from: u64, to: u64) -> RawEntries<'_> {
+        // Three ordered scans in step: one sequential pass over each kind instead of three
+        // point look-ups per entry.
+        let scan = |prefix: u8| {
+            self.db
+                .range(indexed_key(prefix, from)..indexed_key(prefix, to.max(from)))
+                .peekable()
+        };
+        let mut leaves = scan(LEAF);
+        let mut nodes = scan(NODES);
+        let mut bodies = scan(BODY);
+        // The value stored under `index` in `scan`, if its next key is that index.
+        fn take(
+            scan: &mut std::iter::Peekable<sled::Iter>,
+            index: u64,
+        ) -> Result<Option<sled::IVec>, StorageError> {
+            match scan.peek() {
+                Some(Ok((key, _))) if index_of(key)? != index => Ok(None),
+                Some(_) => match scan.next() {
+                    Some(Ok((_, value))) => Ok(Some(value)),
+                    Some(Err(error)) => Err(backend(error)),
+                    None => Ok(None),
+                },
+                None => Ok(None),
+            }
+        }
+        Box::new((from..to).map(move |index| {
+            Ok(RawEntry {
+                index,
+                leaf: take(&mut leaves, index)?.map(|v| v.to_vec()),
+                nodes: take(&mut nodes, index)?
+                    .map(|v| decode_nodes(index, &v))
+                    .transpose()?,
+                body: take(&mut bodies, index)?.map(|v| v.to_vec()),
+            })
+        }))
     }
 
     fn last_leaf_index(&self) -> Result<Option<u64>, StorageError> {
@@ -267,6 +308,15 @@ impl Store for SledStore {
                 .ok_or_else(|| StorageError::Malformed("idempotency record".into())),
             None => Ok(None),
         }
+    }
+
+    fn idempotency_records(&self) -> IdempotencyRecords<'_> {
+        Box::new(self.db.scan_prefix([IDEMPOTENCY]).map(|item| {
+            let (key, value) = item.map_err(backend)?;
+            let record = IdempotencyRecord::decode(&value)
+                .ok_or_else(|| StorageError::Malformed("idempotency record".into()))?;
+            Ok((key[1..].to_vec(), record))
+        }))
     }
 
     fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
