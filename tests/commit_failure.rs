@@ -45,6 +45,9 @@ impl Store for Flaky {
     fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError> {
         self.inner.idempotency_record(key)
     }
+    fn idempotency_records(&self) -> audit_ledger::storage::IdempotencyRecords<'_> {
+        self.inner.idempotency_records()
+    }
     fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
         self.inner.latest_checkpoint()
     }
