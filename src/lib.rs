@@ -24,9 +24,14 @@ pub mod policy;
 pub mod records;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod verify;
 
 /// Types generated from `proto/audit/ledger/v1/ledger.proto`.
 pub mod proto {
     tonic::include_proto!("audit.ledger.v1");
+
+    /// Every service and message of `proto/` (with imports), served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("audit_ledger_descriptor");
 }

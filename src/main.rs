@@ -21,6 +21,7 @@ use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
 use audit_ledger::server::{self, STORE_DIR_NAME, Server};
 use audit_ledger::storage::SledStore;
+use audit_ledger::telemetry::{self, LogFormat};
 use audit_ledger::verify::verify_store;
 
 #[derive(Parser)]
@@ -32,6 +33,15 @@ use audit_ledger::verify::verify_store;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as human-readable text or as one JSON object per line (RUST_LOG filters).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "AUDIT_LEDGER_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +125,10 @@ struct KeyArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Settings file (TOML): any flag below by its long name, e.g. `listen = "0.0.0.0:50051"`,
+    /// `max-in-flight = 512`. Precedence: flag > environment > this file > default.
+    #[arg(long, env = "AUDIT_LEDGER_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     key: KeyArgs,
     /// Address to listen on; port 0 picks a free port.
@@ -171,6 +185,9 @@ struct ServeArgs {
     /// Seconds after which a call is cancelled.
     #[arg(long, env = "AUDIT_LEDGER_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     request_timeout_secs: u64,
+    /// Serve Prometheus metrics on http://ADDR/metrics [default: off].
+    #[arg(long, env = "AUDIT_LEDGER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -183,14 +200,14 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::VerifierKey(args) => verifier_key(args),
@@ -211,6 +228,86 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Parses the command line; for `serve --config FILE`, settings from the file fill in what
+/// neither a flag nor an environment variable gave (flag > env > file > default).
+fn parse_command_line() -> anyhow::Result<Cli> {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    if let Some(("serve", serve)) = matches.subcommand() {
+        if let Some(path) = serve.get_one::<PathBuf>("config") {
+            let mut command = Cli::command();
+            command.build();
+            let serve_command = command
+                .find_subcommand("serve")
+                .expect("serve is a subcommand");
+            argv.extend(settings_file_args(path, serve_command, serve)?);
+            return Ok(Cli::from_arg_matches(
+                &Cli::command().get_matches_from(&argv),
+            )?);
+        }
+    }
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// The settings of a TOML file as command-line flags, leaving out those a flag or an
+/// environment variable already set.
+fn settings_file_args(
+    path: &std::path::Path,
+    command: &clap::Command,
+    given: &clap::ArgMatches,
+) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    use clap::parser::ValueSource;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the settings file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let name = key.replace('_', "-");
+        let Some(arg) = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(name.as_str()) && name != "config")
+        else {
+            anyhow::bail!(
+                "{}: unknown setting {key:?} (settings are the long flags of `audit-ledger serve --help`)",
+                path.display()
+            );
+        };
+        if matches!(
+            given.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let value = match value {
+            toml::Value::Boolean(true) => {
+                args.push(format!("--{name}").into());
+                continue;
+            }
+            toml::Value::Boolean(false) => continue,
+            toml::Value::String(text) => text,
+            toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Float(number) => number.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    toml::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => anyhow::bail!(
+                "{}: setting {key:?} has an unsupported value {other}",
+                path.display()
+            ),
+        };
+        args.push(format!("--{name}={value}").into());
+    }
+    Ok(args)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -234,7 +331,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.request_timeout = std::time::Duration::from_secs(args.request_timeout_secs.max(1));
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let metrics_listen = args.metrics_listen;
     runtime.block_on(async move {
+        if let Some(address) = metrics_listen {
+            telemetry::serve_metrics(address).map_err(|error| anyhow::anyhow!(error))?;
+            tracing::info!(%address, "serving metrics at /metrics");
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;

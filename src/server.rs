@@ -10,6 +10,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::auth::Authenticator;
+use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::middleware::GateLayer;
 
 use crate::access_log::AccessLog;
@@ -201,12 +202,35 @@ impl Server {
             }
             builder = builder.tls_config(tls_config)?;
         }
+        // Reflection (v1 and the older v1alpha that some tools still ask for): grpcurl,
+        // buf curl, Postman and Evans need no proto files.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|error| ServerError::Config(format!("reflection: {error}")))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|error| ServerError::Config(format!("reflection: {error}")))?;
         let serving = builder
-            .layer(GateLayer::new(
-                self.authenticator.clone(),
-                self.config.max_in_flight,
-            ))
+            .layer(
+                tower::ServiceBuilder::new()
+                    // Outermost, so that the gate's refusals are counted too.
+                    .layer(MetricsLayer::new(&[
+                        crate::proto::FILE_DESCRIPTOR_SET,
+                        tonic_health::pb::FILE_DESCRIPTOR_SET,
+                    ]))
+                    .layer(GateLayer::new(
+                        self.authenticator.clone(),
+                        self.config.max_in_flight,
+                    )),
+            )
             .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(ledger_service)
             .add_service(compliance_service)
             .add_service(AccessLogServiceServer::new(AccessLogApi::new(

@@ -7,6 +7,7 @@ use crate::access_log::AccessLog;
 use crate::auth::Principal;
 
 use super::convert::{assessment_message, entry_message, timestamp};
+use super::ledger_service::counted;
 use super::status::to_status;
 use crate::compliance::{CommunicationFilter, Compliance, ViolationFilter};
 use crate::config::ServerConfig;
@@ -22,6 +23,7 @@ use crate::proto::{
 use crate::records::communication::policy_topic;
 use crate::records::prepare_fact;
 use crate::records::validate;
+use crate::telemetry::names;
 
 const SERVICE: &str = "/audit.ledger.v1.ComplianceService/";
 
@@ -133,7 +135,7 @@ impl ComplianceService for ComplianceApi {
                 )));
             }
         }
-        let appended = self.ledger.append_one(record).await.map_err(to_status)?;
+        let appended = counted(names::FACTS, 1, self.ledger.append_one(record).await)?;
         Ok(Response::new(RecordFactResponse {
             index: appended.index,
             leaf_hash: appended.leaf_hash.0.to_vec(),
@@ -177,6 +179,7 @@ impl ComplianceService for ComplianceApi {
             self.compliance.check(&question, request.as_of_tree_size)
         };
         let (assessment, tree_size) = check().map_err(to_status)?;
+        crate::telemetry::count_verdict(&assessment);
         self.access.record(
             principal.as_ref(),
             "CheckSender",

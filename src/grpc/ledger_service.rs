@@ -22,6 +22,7 @@ use crate::proto::{
 };
 use crate::records::communication::question_of;
 use crate::records::prepare_communication;
+use crate::telemetry::{self, names};
 
 /// Entries a `ListEntries` stream reads ahead of a slow client.
 const LIST_BUFFER: usize = 64;
@@ -61,7 +62,42 @@ impl LedgerApi {
             return Ok(None);
         };
         let (assessment, tree_size) = self.compliance.check(&question, 0).map_err(to_status)?;
+        telemetry::count_verdict(&assessment);
         Ok(Some(assessment_message(assessment, tree_size)))
+    }
+}
+
+/// Counts what an append did (`count` records submitted), and maps its error.
+pub(super) fn counted<T: AppendedCount>(
+    kind: &'static str,
+    count: u64,
+    result: Result<T, LedgerError>,
+) -> Result<T, Status> {
+    match &result {
+        Ok(appended) => {
+            let duplicates = appended.duplicates();
+            telemetry::count_records(kind, "appended", count - duplicates);
+            telemetry::count_records(kind, "duplicate", duplicates);
+        }
+        Err(_) => telemetry::count_records(kind, "rejected", count),
+    }
+    result.map_err(to_status)
+}
+
+/// How many of an append's records were already in the ledger.
+pub(super) trait AppendedCount {
+    fn duplicates(&self) -> u64;
+}
+
+impl AppendedCount for Appended {
+    fn duplicates(&self) -> u64 {
+        u64::from(self.duplicate)
+    }
+}
+
+impl AppendedCount for Vec<Appended> {
+    fn duplicates(&self) -> u64 {
+        self.iter().filter(|appended| appended.duplicate).count() as u64
     }
 }
 
@@ -124,7 +160,7 @@ impl LedgerService for LedgerApi {
             Principal::name_of(principal.as_ref()),
         )
         .map_err(to_status)?;
-        let appended = self.ledger.append_one(record).await.map_err(to_status)?;
+        let appended = counted(names::APPENDS, 1, self.ledger.append_one(record).await)?;
         Ok(Response::new(AppendResponse {
             index: appended.index,
             leaf_hash: appended.leaf_hash.0.to_vec(),
@@ -172,7 +208,8 @@ impl LedgerService for LedgerApi {
             })
             .collect::<Result<Vec<_>, LedgerError>>()
             .map_err(to_status)?;
-        let appended = self.ledger.append(records).await.map_err(to_status)?;
+        let count = records.len() as u64;
+        let appended = counted(names::APPENDS, count, self.ledger.append(records).await)?;
         let results = appended
             .into_iter()
             .zip(questions)

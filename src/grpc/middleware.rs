@@ -51,6 +51,10 @@ pub struct Gate<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
 
+fn refused(reason: &'static str) {
+    metrics::counter!(crate::telemetry::names::GATE_REFUSALS, "reason" => reason).increment(1);
+}
+
 fn reject<E: Send + 'static>(status: Status) -> BoxFuture<http::Response<Body>, E> {
     Box::pin(std::future::ready(Ok(status.into_http())))
 }
@@ -80,6 +84,7 @@ where
         }
         let Ok(permit) = self.layer.in_flight.clone().try_acquire_owned() else {
             tracing::warn!(%path, "load shed: in-flight limit reached");
+            refused("load_shed");
             return reject(Status::resource_exhausted(
                 "the server is at its limit of requests in flight; retry with backoff",
             ));
@@ -100,6 +105,11 @@ where
                 Ok(principal) => principal.clone(),
                 Err(rejection) => {
                     tracing::warn!(%path, ?rejection, "authentication failed");
+                    refused(match rejection {
+                        Rejection::Missing => "missing",
+                        Rejection::Malformed => "malformed",
+                        Rejection::Unknown => "unknown",
+                    });
                     return reject(Status::unauthenticated(match rejection {
                         Rejection::Missing => {
                             "credentials required: authorization: Bearer <token>, or a client certificate"
@@ -111,6 +121,7 @@ where
             };
             if !principal.role.allows(&path) {
                 tracing::warn!(%path, principal = %principal.name, role = %principal.role, "permission denied");
+                refused("permission_denied");
                 return reject(Status::permission_denied(format!(
                     "principal {} (role {}) may not call {path}",
                     principal.name, principal.role

@@ -5,6 +5,7 @@ pub mod access;
 mod compliance_service;
 pub mod convert;
 mod ledger_service;
+pub mod metrics;
 pub mod middleware;
 pub mod status;
 

@@ -253,7 +253,7 @@ impl Writer {
                     let _ = reply.send(outcome);
                 }
             }
-            Ok((outcomes, Some((batch, next_state)))) => match self.store.commit(&batch) {
+            Ok((outcomes, Some((batch, next_state)))) => match self.timed_commit(&batch) {
                 Ok(()) => {
                     self.publish(&batch, next_state);
                     for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
@@ -277,6 +277,17 @@ impl Writer {
         }
     }
 
+    /// Commits one group, measuring its size and how long the write and flush took.
+    fn timed_commit(&self, batch: &CommitBatch) -> Result<(), crate::storage::StorageError> {
+        let started = std::time::Instant::now();
+        self.store.commit(batch)?;
+        metrics::histogram!(crate::telemetry::names::FLUSH_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::telemetry::names::GROUP_ENTRIES)
+            .record(batch.entries.len() as f64);
+        Ok(())
+    }
+
     /// After a durable commit: index the new entries, then publish the checkpoint.
     fn publish(&mut self, batch: &CommitBatch, next_state: WriterState) {
         // Derived indexes follow the durable commit and precede publication, so a reader
@@ -298,6 +309,7 @@ impl Writer {
             .checkpoint
             .store(Arc::new(next_state.checkpoint.clone()));
         tracing::debug!(tree_size = next_state.checkpoint.size, "group committed");
+        metrics::gauge!(crate::telemetry::names::TREE_SIZE).set(next_state.checkpoint.size as f64);
         self.state = next_state;
     }
 
