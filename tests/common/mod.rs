@@ -103,12 +103,19 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn start(data_dir: &Path) -> ChildServer {
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "error")
+            .stderr(Stdio::inherit());
+        Self::spawn(command)
+    }
+
+    /// Runs `command` (a prepared `audit-ledger serve ...`) and waits for its first line.
+    pub fn spawn(mut command: Command) -> ChildServer {
+        let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("server binary starts");
         let stdout = child.stdout.take().unwrap();
@@ -140,6 +147,38 @@ impl ChildServer {
         }
         panic!("server did not stop on SIGTERM");
     }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tool the tests drive (buf, Python with grpcio): from `env_var`, else from `fallback`
+/// (relative to the crate root), else `None`. CI sets `AUDIT_LEDGER_REQUIRE_TOOLS`, and
+/// then a missing tool fails the test instead of skipping it.
+pub fn tool(env_var: &str, fallback: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(fallback));
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("AUDIT_LEDGER_REQUIRE_TOOLS").is_some() {
+        panic!(
+            "{} is missing ({env_var} or {fallback}); .ci/run installs it",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} not found (set {env_var}; .ci/run installs it)",
+        path.display()
+    );
+    None
 }
 
 /// A realistic communication, unique by `n`.

@@ -1,0 +1,319 @@
+//! What operators and their tools see: settings from flags, environment and file in that
+//! order; Prometheus metrics; JSON logs that never carry a body or subject; reflection,
+//! exercised by `buf curl`, a client no one here wrote.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+
+use audit_ledger::proto::{AppendBatchRequest, AppendRequest, CheckSenderRequest, Topic};
+use common::{ChildServer, binary, communication, connect, free_port, tool};
+
+fn serve_command(data_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "error")
+        .env_remove("AUDIT_LEDGER_MAX_BATCH_RECORDS")
+        .env_remove("AUDIT_LEDGER_LISTEN")
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// The limit AppendBatch reports for a batch that is too big.
+async fn batch_limit(address: &str) -> String {
+    let mut client = connect(address).await;
+    let status = client
+        .append_batch(AppendBatchRequest {
+            communications: (0..50).map(|n| communication("s", n)).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    status
+        .message()
+        .rsplit("limit of ")
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_come_from_flags_then_environment_then_file_then_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("settings.toml");
+    std::fs::write(
+        &settings,
+        "listen = \"127.0.0.1:0\"\nmax_batch_records = 3\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+
+    // The file over the default (10,000).
+    let mut command = serve_command(&data);
+    command.arg("--config").arg(&settings);
+    let server = ChildServer::spawn(command);
+    assert_eq!(batch_limit(&server.address).await, "3");
+    server.terminate();
+
+    // The environment over the file.
+    let mut command = serve_command(&data);
+    command
+        .arg("--config")
+        .arg(&settings)
+        .env("AUDIT_LEDGER_MAX_BATCH_RECORDS", "5");
+    let server = ChildServer::spawn(command);
+    assert_eq!(batch_limit(&server.address).await, "5");
+    server.terminate();
+
+    // A flag over the environment (and the file named by the environment).
+    let mut command = serve_command(&data);
+    command
+        .args(["--max-batch-records", "2"])
+        .env("AUDIT_LEDGER_CONFIG", &settings)
+        .env("AUDIT_LEDGER_MAX_BATCH_RECORDS", "5");
+    let server = ChildServer::spawn(command);
+    assert_eq!(batch_limit(&server.address).await, "2");
+    server.terminate();
+
+    // A key that is no setting is refused, naming it.
+    std::fs::write(&settings, "max_batch_recrods = 3\n").unwrap();
+    let output = serve_command(&data)
+        .arg("--config")
+        .arg(&settings)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unknown setting \"max_batch_recrods\""),
+        "{stderr}"
+    );
+}
+
+/// GET /metrics over plain HTTP/1.0.
+fn scrape(port: u16) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1."), "{response}");
+    response
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_appends_verdicts_calls_and_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut command = serve_command(dir.path());
+    command
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen"])
+        .arg(format!("127.0.0.1:{port}"));
+    let server = ChildServer::spawn(command);
+    let mut client = connect(&server.address).await;
+    for n in [1, 2, 3, 1] {
+        client
+            .append(AppendRequest {
+                communication: Some(communication("partner-1", n)),
+            })
+            .await
+            .unwrap();
+    }
+    let mut bad = communication("partner-1", 9);
+    bad.customer_id.clear();
+    client
+        .append(AppendRequest {
+            communication: Some(bad),
+        })
+        .await
+        .unwrap_err();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut compliance =
+        audit_ledger::proto::compliance_service_client::ComplianceServiceClient::new(channel);
+    compliance
+        .check_sender(CheckSenderRequest {
+            sender_id: "partner-1".into(),
+            customer_id: "customer-1".into(),
+            topic: Topic::Support as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let metrics = scrape(port);
+    let append = "method=\"/audit.ledger.v1.LedgerService/Append\"";
+    assert_eq!(
+        sample(&metrics, "audit_ledger_appends_total{result=\"appended\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "audit_ledger_appends_total{result=\"duplicate\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&metrics, "audit_ledger_tree_size"), Some(3.0));
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("audit_ledger_grpc_requests_total{{{append},code=\"OK\"}}")
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("audit_ledger_grpc_requests_total{{{append},code=\"INVALID_ARGUMENT\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("audit_ledger_grpc_request_seconds_count{{{append}}}")
+        ),
+        Some(5.0)
+    );
+    // Four verdicts at ingestion (the duplicate is judged too) and one CheckSender.
+    let verdicts: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("audit_ledger_verdicts_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(verdicts, 5.0, "{metrics}");
+    assert_eq!(
+        sample(&metrics, "audit_ledger_group_commit_entries_sum"),
+        Some(3.0)
+    );
+    assert!(sample(&metrics, "audit_ledger_flush_seconds_count").unwrap() >= 3.0);
+    drop((client, compliance));
+    server.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line_and_never_carry_a_body_or_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut command = serve_command(&dir.path().join("data"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let server = ChildServer::spawn(command);
+    let mut client = connect(&server.address).await;
+    let mut secret = communication("partner-1", 1);
+    secret.subject = "SECRET-SUBJECT-4711".into();
+    secret.body = b"SECRET-BODY-4711".to_vec();
+    client
+        .append(AppendRequest {
+            communication: Some(secret.clone()),
+        })
+        .await
+        .unwrap();
+    // And rejected once (a conflict), which is logged as a failure.
+    secret.body = b"SECRET-BODY-4712".to_vec();
+    client
+        .append(AppendRequest {
+            communication: Some(secret),
+        })
+        .await
+        .unwrap_err();
+    drop(client);
+    assert!(server.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|line| !line.is_empty()).collect();
+    assert!(lines.len() >= 3, "{text}");
+    for line in lines {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        assert!(object.get("level").is_some() && object.get("timestamp").is_some());
+        assert!(
+            !line.contains("SECRET"),
+            "a body or subject was logged: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buf_curl_calls_every_service_through_reflection() {
+    let Some(buf) = tool("AUDIT_LEDGER_BUF", "target/ci-tools/node_modules/.bin/buf") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = serve_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0"]);
+    let server = ChildServer::spawn(command);
+    let url = format!("http://{}", server.address);
+    let curl = |args: &[&str]| {
+        let output = Command::new(&buf)
+            .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "buf curl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let methods = curl(&["--list-methods", &url]);
+    for method in [
+        "audit.ledger.v1.LedgerService/Append",
+        "audit.ledger.v1.LedgerService/GetInclusionProof",
+        "audit.ledger.v1.ComplianceService/CheckSender",
+        "audit.ledger.v1.AccessLogService/ListAccessLog",
+        "grpc.health.v1.Health/Check",
+    ] {
+        assert!(
+            methods.lines().any(|line| line == method),
+            "{method} in {methods}"
+        );
+    }
+    let appended: serde_json::Value = serde_json::from_str(&curl(&[
+        "-d",
+        r#"{"communication":{"message_id":"m-1","sender_id":"partner-1","customer_id":"c-1","topic":"TOPIC_SUPPORT","channel":"email","sent_at":"2026-01-01T00:00:00Z","subject":"Renewal","body":"aGVsbG8="}}"#,
+        &format!("{url}/audit.ledger.v1.LedgerService/Append"),
+    ]))
+    .unwrap();
+    assert_eq!(appended["assessment"]["rule"], "UNKNOWN-SENDER");
+    let checkpoint: serde_json::Value = serde_json::from_str(&curl(&[
+        "-d",
+        "{}",
+        &format!("{url}/audit.ledger.v1.LedgerService/GetCheckpoint"),
+    ]))
+    .unwrap();
+    assert_eq!(checkpoint["checkpoint"]["size"], "1");
+    let verdict: serde_json::Value = serde_json::from_str(&curl(&[
+        "-d",
+        r#"{"sender_id":"partner-1","customer_id":"c-1","topic":"TOPIC_SUPPORT"}"#,
+        &format!("{url}/audit.ledger.v1.ComplianceService/CheckSender"),
+    ]))
+    .unwrap();
+    assert_eq!(verdict["assessment"]["verdict"], "VERDICT_VIOLATION");
+    let health: serde_json::Value = serde_json::from_str(&curl(&[
+        "-d",
+        r#"{"service":"audit.ledger.v1.Writes"}"#,
+        &format!("{url}/grpc.health.v1.Health/Check"),
+    ]))
+    .unwrap();
+    assert_eq!(health["status"], "SERVING");
+    server.terminate();
+}
