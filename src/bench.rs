@@ -5,10 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+use crate::client::{Authed, Bearer};
 
 use crate::proto::compliance_service_client::ComplianceServiceClient;
 use crate::proto::ledger_service_client::LedgerServiceClient;
@@ -93,25 +92,6 @@ pub fn scenario_name(scenario: Scenario) -> &'static str {
     }
 }
 
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-type Authed = InterceptedService<Channel, Bearer>;
-
 async fn channels(server: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
@@ -123,13 +103,6 @@ async fn channels(server: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
         );
     }
     Ok(out)
-}
-
-fn bearer(token: &Option<String>) -> anyhow::Result<Bearer> {
-    Ok(Bearer(match token {
-        Some(token) => Some(format!("Bearer {token}").parse()?),
-        None => None,
-    }))
 }
 
 /// A deterministic generator, one per task.
@@ -202,7 +175,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         "the verify scenario runs offline: use --data-dir"
     );
     let channels = channels(&options.server, options.connections).await?;
-    let interceptor = bearer(&options.token)?;
+    let interceptor = Bearer::new(options.token.as_deref())?;
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;
@@ -371,7 +344,7 @@ pub async fn populate(
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<u64> {
     let channel = channels(server, 1).await?.remove(0);
-    let interceptor = bearer(token)?;
+    let interceptor = Bearer::new(token.as_deref())?;
     if scenario == Scenario::Check {
         let mut compliance = ComplianceServiceClient::with_interceptor(channel, interceptor);
         return populate_facts(&mut compliance, count, progress).await;

@@ -16,6 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand};
 
 use audit_ledger::access_log::AccessLog;
+use audit_ledger::client;
 use audit_ledger::config::{ServerConfig, TlsFiles};
 use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
@@ -59,6 +60,135 @@ enum Command {
     /// Manage the principals of an auth file.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Was this sender allowed to contact this customer about this topic (then)? Exit 0
+    /// when allowed, 1 for a violation or review.
+    Check(CheckArgs),
+    /// List communications judged violations (exit 1 when there is any).
+    Violations(ViolationsArgs),
+    /// List recorded communications.
+    Communications(CommunicationsArgs),
+    /// Append the communications of a JSON-lines file, in batches (idempotent: re-running
+    /// the same file appends nothing twice).
+    Append(AppendArgs),
+    /// Record the facts of a JSON-lines file, in order.
+    Fact(FactArgs),
+}
+
+/// How a client command reaches the server and prints.
+#[derive(Args)]
+struct ClientArgs {
+    /// The server: http://HOST:PORT, or https://HOST:PORT with --tls-ca.
+    #[arg(
+        long,
+        env = "AUDIT_LEDGER_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+    /// Bearer token.
+    #[arg(long, env = "AUDIT_LEDGER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) of the server's TLS certificate.
+    #[arg(long, env = "AUDIT_LEDGER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// table for people; json (one object per line) or csv for programs.
+    #[arg(long, value_enum, default_value = "table")]
+    output: client::output::Format,
+}
+
+impl ClientArgs {
+    fn connection(&self) -> client::Connection {
+        client::Connection {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[arg(long)]
+    sender: String,
+    #[arg(long)]
+    customer: String,
+    /// commercial, support, operational, transition or general.
+    #[arg(long)]
+    topic: String,
+    #[arg(long)]
+    subscription: Option<String>,
+    #[arg(long)]
+    product: Option<String>,
+    /// The instant asked about (RFC 3339) [default: now].
+    #[arg(long)]
+    at: Option<String>,
+    /// Judge on what the ledger held at this size (0: everything).
+    #[arg(long, default_value_t = 0)]
+    as_of_tree_size: u64,
+}
+
+#[derive(Args)]
+struct ListFilters {
+    #[arg(long)]
+    customer: Option<String>,
+    #[arg(long)]
+    sender: Option<String>,
+    /// From this instant (RFC 3339), inclusive.
+    #[arg(long)]
+    from: Option<String>,
+    /// Before this instant (RFC 3339).
+    #[arg(long)]
+    to: Option<String>,
+}
+
+#[derive(Args)]
+struct ViolationsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    filters: ListFilters,
+    /// Only this rule (e.g. NOT-BILLER).
+    #[arg(long)]
+    rule: Option<String>,
+    /// Also list REVIEW verdicts.
+    #[arg(long)]
+    include_review: bool,
+    #[arg(long, default_value_t = 0)]
+    as_of_tree_size: u64,
+}
+
+#[derive(Args)]
+struct CommunicationsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    filters: ListFilters,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    subscription: Option<String>,
+}
+
+#[derive(Args)]
+struct AppendArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// JSON lines, one communication each (see docs/INTEGRATION.md).
+    #[arg(long)]
+    from_file: PathBuf,
+    /// Communications per AppendBatch.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+}
+
+#[derive(Args)]
+struct FactArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// JSON lines, one fact each (see docs/INTEGRATION.md).
+    #[arg(long)]
+    from_file: PathBuf,
 }
 
 #[derive(Args)]
@@ -220,6 +350,68 @@ fn main() -> ExitCode {
             auth_file,
             senders,
         }) => token_add(&name, role, &auth_file, senders),
+        Command::Check(args) => client_command(async move {
+            let connection = args.client.connection();
+            let question = client::commands::CheckQuestion {
+                sender: args.sender,
+                customer: args.customer,
+                topic: args.topic,
+                subscription: args.subscription,
+                product: args.product,
+                at: args.at,
+                as_of_tree_size: args.as_of_tree_size,
+            };
+            client::commands::check(&connection, question, args.client.output).await
+        }),
+        Command::Violations(args) => client_command(async move {
+            let filters = client::commands::Filters {
+                customer: args.filters.customer,
+                sender: args.filters.sender,
+                from: args.filters.from,
+                to: args.filters.to,
+                rule: args.rule,
+                include_review: args.include_review,
+                as_of_tree_size: args.as_of_tree_size,
+                ..Default::default()
+            };
+            client::commands::violations(&args.client.connection(), filters, args.client.output)
+                .await
+        }),
+        Command::Communications(args) => client_command(async move {
+            let filters = client::commands::Filters {
+                customer: args.filters.customer,
+                sender: args.filters.sender,
+                from: args.filters.from,
+                to: args.filters.to,
+                topic: args.topic,
+                subscription: args.subscription,
+                ..Default::default()
+            };
+            client::commands::communications(&args.client.connection(), filters, args.client.output)
+                .await
+        }),
+        Command::Append(args) => client_command(async move {
+            let summary = client::commands::append_file(
+                &args.client.connection(),
+                &args.from_file,
+                args.batch,
+            )
+            .await?;
+            println!(
+                "appended {}, duplicates {}, violations {}, reviews {}",
+                summary.appended, summary.duplicates, summary.violations, summary.reviews
+            );
+            Ok(0)
+        }),
+        Command::Fact(args) => client_command(async move {
+            let summary =
+                client::commands::fact_file(&args.client.connection(), &args.from_file).await?;
+            println!(
+                "recorded {}, duplicates {}",
+                summary.appended, summary.duplicates
+            );
+            Ok(0)
+        }),
     };
     match result {
         Ok(code) => code,
@@ -308,6 +500,17 @@ fn settings_file_args(
         args.push(format!("--{name}={value}").into());
     }
     Ok(args)
+}
+
+/// Runs a client command on a small runtime; its result is the exit code.
+fn client_command(
+    command: impl std::future::Future<Output = anyhow::Result<u8>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(ExitCode::from(runtime.block_on(command)?))
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
