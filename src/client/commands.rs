@@ -11,24 +11,19 @@ use crate::proto::{
     ListViolationsRequest, RecordFactRequest, leaf_record,
 };
 
+/// A proto enum value by its short lower-case name (`VERDICT_VIOLATION` → `violation`).
+fn short_name<E: TryFrom<i32>>(value: i32, prefix: &str, name: fn(&E) -> &'static str) -> String {
+    E::try_from(value)
+        .map(|known| name(&known).trim_start_matches(prefix).to_ascii_lowercase())
+        .unwrap_or_else(|_| value.to_string())
+}
+
 fn verdict_name(verdict: i32) -> String {
-    proto::Verdict::try_from(verdict)
-        .map(|v| {
-            v.as_str_name()
-                .trim_start_matches("VERDICT_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| verdict.to_string())
+    short_name(verdict, "VERDICT_", |v: &proto::Verdict| v.as_str_name())
 }
 
 fn topic_name(topic: i32) -> String {
-    proto::Topic::try_from(topic)
-        .map(|t| {
-            t.as_str_name()
-                .trim_start_matches("TOPIC_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| topic.to_string())
+    short_name(topic, "TOPIC_", |t: &proto::Topic| t.as_str_name())
 }
 
 fn time_text(at: &Option<prost_types::Timestamp>) -> String {
