@@ -3,7 +3,6 @@
 //! responses: errors) or from the trailers at the end of the body (successes, streams).
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,6 +12,8 @@ use http_body::Frame;
 use prost::Message;
 use tonic::body::Body;
 use tower::{Layer, Service};
+
+use super::BoxFuture;
 
 use crate::telemetry::names;
 
@@ -76,8 +77,6 @@ pub struct Metered<S> {
     layer: MetricsLayer,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
-
 impl<S, B> Service<http::Request<B>> for Metered<S>
 where
     S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -94,8 +93,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let method = self.layer.label(request.uri().path());
         let started = Instant::now();
         let response = inner.call(request);

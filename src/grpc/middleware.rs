@@ -4,8 +4,6 @@
 //! The authenticated [`Principal`] rides on the request's extensions to the handlers.
 //! Health checks and reflection pass freely.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,6 +12,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
+
+use super::BoxFuture;
 
 use crate::auth::{Authenticator, Principal, Rejection, is_open};
 
@@ -49,8 +49,6 @@ pub struct Gate<S> {
     layer: GateLayer,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
-
 fn refused(reason: &'static str) {
     metrics::counter!(crate::telemetry::names::GATE_REFUSALS, "reason" => reason).increment(1);
 }
@@ -75,9 +73,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The service that was polled ready is the one to call (tower's clone-and-swap).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let path = request.uri().path().to_owned();
         if is_open(&path) {
             return Box::pin(inner.call(request));

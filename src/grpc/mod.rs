@@ -12,3 +12,14 @@ pub mod status;
 pub use access::AccessLogApi;
 pub use compliance_service::ComplianceApi;
 pub use ledger_service::LedgerApi;
+
+/// What the tower layers in front of the services return.
+pub(crate) type BoxFuture<T, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send + 'static>>;
+
+/// Tower's clone-and-swap: the service that was polled ready is the one to call, and a
+/// fresh clone stays behind for the next `poll_ready`.
+pub(crate) fn take_ready<S: Clone>(service: &mut S) -> S {
+    let clone = service.clone();
+    std::mem::replace(service, clone)
+}
