@@ -145,6 +145,68 @@ pub fn consistency_proof<S: NodeSource + ?Sized>(
     tlog_tiles::prove_tree(to_size, from_size, &reader).map_err(|_| reader.error("sizes"))
 }
 
+/// Why a proof did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofCheckError {
+    /// The sizes or index cannot describe a proof (e.g. `index >= tree_size`).
+    #[error("{0}")]
+    InvalidInput(&'static str),
+    /// The proof does not lead to the root it should: the entry is not in that tree, or
+    /// the two trees are not one the prefix of the other.
+    #[error("the proof does not lead to the checkpoint's root hash")]
+    Mismatch,
+}
+
+/// Checks an RFC 9162 §2.1.3.2 inclusion proof: that the leaf with hash `leaf_hash` sits
+/// at `index` in the tree of `tree_size` leaves whose root is `root`.
+pub fn verify_inclusion(
+    index: u64,
+    tree_size: u64,
+    leaf_hash: Hash,
+    proof: &[Hash],
+    root: Hash,
+) -> Result<(), ProofCheckError> {
+    if index >= tree_size {
+        return Err(ProofCheckError::InvalidInput(
+            "index must be less than tree_size",
+        ));
+    }
+    if tree_size > MAX_TREE_SIZE || proof.len() > 64 {
+        return Err(ProofCheckError::InvalidInput("tree size is beyond 2^62"));
+    }
+    tlog_tiles::check_record(&proof.to_vec(), tree_size, root, index, leaf_hash)
+        .map_err(|_| ProofCheckError::Mismatch)
+}
+
+/// Checks an RFC 9162 §2.1.4.2 consistency proof: that the tree of `to_size` leaves with
+/// root `to_root` extends the tree of `from_size` leaves with root `from_root`. A tree
+/// always extends the empty one; equal sizes need equal roots and an empty proof.
+pub fn verify_consistency(
+    from_size: u64,
+    from_root: Hash,
+    to_size: u64,
+    to_root: Hash,
+    proof: &[Hash],
+) -> Result<(), ProofCheckError> {
+    if from_size > to_size {
+        return Err(ProofCheckError::InvalidInput(
+            "the newer tree is smaller than the older one",
+        ));
+    }
+    if to_size > MAX_TREE_SIZE || proof.len() > 128 {
+        return Err(ProofCheckError::InvalidInput("tree size is beyond 2^62"));
+    }
+    if from_size == 0 {
+        return if proof.is_empty() {
+            Ok(())
+        } else {
+            Err(ProofCheckError::Mismatch)
+        };
+    }
+    tlog_tiles::check_tree(&proof.to_vec(), to_size, to_root, from_size, from_root)
+        .map_err(|_| ProofCheckError::Mismatch)
+}
+
 /// The nodes to store when leaf `index` with hash `leaf_hash` is appended: the leaf hash,
 /// then the root of each perfect subtree the leaf completes, to be written from
 /// `leaf_node_index(index)` on. Reads at most log2(index) earlier nodes.
@@ -339,6 +401,48 @@ mod tests {
             assert_eq!(from_empty.push(hash), expected, "leaf {n}, carried");
             assert_eq!(from_empty.size(), n + 1);
             tree.push_leaf(hash).unwrap();
+        }
+    }
+
+    #[test]
+    fn proof_checks_at_the_edges() {
+        let tree = reference_tree(8);
+        let root = |n: u64| root_hash(n, &tree).unwrap();
+        // Every tree extends the empty tree with an empty proof, and itself.
+        assert_eq!(verify_consistency(0, EMPTY_HASH, 8, root(8), &[]), Ok(()));
+        assert_eq!(verify_consistency(8, root(8), 8, root(8), &[]), Ok(()));
+        assert_eq!(
+            verify_consistency(0, EMPTY_HASH, 8, root(8), &[root(1)]),
+            Err(ProofCheckError::Mismatch)
+        );
+        // Same size, different roots: a fork.
+        assert_eq!(
+            verify_consistency(5, root(5), 5, root(4), &[]),
+            Err(ProofCheckError::Mismatch)
+        );
+        assert!(matches!(
+            verify_consistency(6, root(6), 5, root(5), &[]),
+            Err(ProofCheckError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            verify_inclusion(8, 8, root(1), &[], root(8)),
+            Err(ProofCheckError::InvalidInput(_))
+        ));
+        // A one-leaf tree's root is its leaf hash, with an empty path.
+        let first = leaf_hash(&reference_leaves()[0]);
+        assert_eq!(verify_inclusion(0, 1, first, &[], root(1)), Ok(()));
+        for (from, to) in [(1u64, 8u64), (3, 7), (4, 8), (5, 6)] {
+            let proof = consistency_proof(from, to, &tree).unwrap();
+            assert_eq!(
+                verify_consistency(from, root(from), to, root(to), &proof),
+                Ok(()),
+                "{from} -> {to}"
+            );
+        }
+        for index in 0..8 {
+            let proof = inclusion_proof(index, 8, &tree).unwrap();
+            let leaf = leaf_hash(&reference_leaves()[index as usize]);
+            assert_eq!(verify_inclusion(index, 8, leaf, &proof, root(8)), Ok(()));
         }
     }
 
@@ -549,6 +653,47 @@ mod tests {
             let flat: Vec<u8> = proof.iter().flat_map(|h| h.0).collect();
             // ct-merkle proves that its tree extends its own prefix by `to - from` leaves.
             prop_assert_eq!(flat, oracle.prove_consistency(to - from).as_bytes().to_vec());
+        }
+
+        /// ct-merkle's inclusion proofs verify with ours; any altered hash, index or size fails.
+        #[test]
+        fn verifies_ct_merkle_inclusion_proofs(leaves in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..16), 1..70), pick in any::<prop::sample::Index>(), flip in any::<prop::sample::Index>()) {
+            let (_, oracle) = build(&leaves);
+            let size = leaves.len() as u64;
+            let root = Hash(oracle.root().as_bytes().as_slice().try_into().unwrap());
+            let index = pick.index(leaves.len());
+            let proof: Vec<Hash> = oracle.prove_inclusion(index).as_bytes().chunks(32).map(|c| Hash(c.try_into().unwrap())).collect();
+            let leaf = leaf_hash(&leaves[index]);
+            prop_assert_eq!(verify_inclusion(index as u64, size, leaf, &proof, root), Ok(()));
+            prop_assert!(verify_inclusion(index as u64, size, leaf_hash(b"other"), &proof, root).is_err());
+            if size > 1 {
+                prop_assert!(verify_inclusion((index as u64 + 1) % size, size, leaf, &proof, root).is_err() || leaves[index] == leaves[(index + 1) % leaves.len()]);
+                let mut altered = proof.clone();
+                altered[flip.index(proof.len())].0[0] ^= 1;
+                prop_assert!(verify_inclusion(index as u64, size, leaf, &altered, root).is_err());
+                prop_assert!(verify_inclusion(index as u64, size, leaf, &proof[..proof.len() - 1], root).is_err());
+            }
+        }
+
+        /// ct-merkle's consistency proofs verify with ours; altered ones fail.
+        #[test]
+        fn verifies_ct_merkle_consistency_proofs(leaves in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 2..70), a in any::<prop::sample::Index>(), b in any::<prop::sample::Index>(), flip in any::<prop::sample::Index>()) {
+            let n = leaves.len();
+            let (mut from, mut to) = (a.index(n) + 1, b.index(n) + 1);
+            if from > to { std::mem::swap(&mut from, &mut to); }
+            prop_assume!(from < to);
+            let (_, old) = build(&leaves[..from]);
+            let (_, new) = build(&leaves[..to]);
+            let old_root = Hash(old.root().as_bytes().as_slice().try_into().unwrap());
+            let new_root = Hash(new.root().as_bytes().as_slice().try_into().unwrap());
+            let proof: Vec<Hash> = new.prove_consistency(to - from).as_bytes().chunks(32).map(|c| Hash(c.try_into().unwrap())).collect();
+            prop_assert_eq!(verify_consistency(from as u64, old_root, to as u64, new_root, &proof), Ok(()));
+            let mut altered = proof.clone();
+            altered[flip.index(proof.len())].0[5] ^= 0x80;
+            prop_assert!(verify_consistency(from as u64, old_root, to as u64, new_root, &altered).is_err());
+            prop_assert!(verify_consistency(from as u64, leaf_hash(b"forged"), to as u64, new_root, &proof).is_err());
+            prop_assert!(verify_consistency(from as u64, old_root, to as u64, leaf_hash(b"forged"), &proof).is_err());
+            prop_assert!(verify_consistency(to as u64, new_root, from as u64, old_root, &proof).is_err());
         }
 
         /// A batch appended through `PendingNodes` stores exactly what leaf-by-leaf appends do.
