@@ -838,11 +838,7 @@ async fn reindex_gives_identical_answers() {
     // Damage the derived indexes behind the server's back: c-alpha's facts vanish.
     {
         use audit_ledger::storage::IndexStore;
-        let store = audit_ledger::storage::SledStore::open(
-            &dir.path().join(audit_ledger::server::STORE_DIR_NAME),
-            1 << 20,
-        )
-        .unwrap();
+        let store = common::open_store(&dir.path().join(audit_ledger::server::STORE_DIR_NAME));
         let index = store.index().unwrap();
         let prefix = audit_ledger::compliance::index::list_prefix(b'F', b'c', "c-alpha");
         let end = audit_ledger::compliance::index::prefix_end(&prefix);

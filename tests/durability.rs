@@ -14,7 +14,6 @@ use audit_ledger::proto::{
     AppendBatchRequest, AppendRequest, Checkpoint, GetConsistencyProofRequest, GetEntryRequest,
 };
 use audit_ledger::server::{STORE_DIR_NAME, Server};
-use audit_ledger::storage::SledStore;
 use audit_ledger::storage::sled_store::{checkpoint_key, leaf_key, nodes_key};
 use common::{
     ChildServer, TestServer, checkpoint, communication, connect, hash32, rfc9162, run_verify,
@@ -304,7 +303,7 @@ async fn ledger_with_entries(dir: &Path, count: u64) {
 }
 
 fn alter(dir: &Path, change: impl FnOnce(&sled::Db)) {
-    let store = SledStore::open(&dir.join(STORE_DIR_NAME), 1 << 20).unwrap();
+    let store = common::open_store(&dir.join(STORE_DIR_NAME));
     change(store.raw());
     store.raw().flush().unwrap();
 }
@@ -406,7 +405,7 @@ async fn the_first_bad_index_does_not_depend_on_how_verify_splits_the_work() {
     let verify = |chunk: u64| {
         let signer =
             audit_ledger::keys::load(&audit_ledger::keys::key_path(dir.path(), None)).unwrap();
-        let store = SledStore::open(&dir.path().join(STORE_DIR_NAME), 1 << 20).unwrap();
+        let store = common::open_store(&dir.path().join(STORE_DIR_NAME));
         audit_ledger::verify::verify_store_in_chunks(&store, &signer.verifier(), chunk, |_, _| {})
             .map(|report| report.tree_size)
             .map_err(|error| error.first_bad_index())

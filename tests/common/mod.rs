@@ -35,7 +35,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let data_dir = config.data_dir.clone();
-        let server = Server::open(config).expect("server opens");
+        let server = open_retrying(|| Server::open(config.clone())).expect("server opens");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -77,6 +77,29 @@ impl TestServer {
         }
         panic!("{} stayed locked after the server stopped", store.display());
     }
+}
+
+/// Runs `open` until the store is no longer "in use": sled's background threads keep the
+/// store's lock for a moment after a `Db` in this same process is dropped (a separate
+/// process would see it released at exit), so a test step that reopens a store it just
+/// closed may find it briefly locked.
+pub fn open_retrying<T, E: std::fmt::Display>(
+    mut open: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    for _ in 0..200 {
+        match open() {
+            Err(error) if error.to_string().contains("in use") => {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            other => return other,
+        }
+    }
+    open()
+}
+
+/// Opens a stopped ledger's store directly (see [`open_retrying`]).
+pub fn open_store(path: &Path) -> audit_ledger::storage::SledStore {
+    open_retrying(|| audit_ledger::storage::SledStore::open(path, 1 << 20)).expect("store opens")
 }
 
 pub async fn connect(address: &str) -> Client {
