@@ -10,6 +10,7 @@
 //! - [`grpc`]: the only code that sees tonic: request conversion, status mapping.
 //! - [`server`]: wiring: open the store and ledger, serve, shut down.
 //! - [`keys`]: the signing key file. [`verify`]: offline end-to-end verification.
+//! - [`export`]: exports (entries + manifest of proofs) and their offline verification.
 //! - [`config`]: every limit and default, in one struct.
 
 pub mod access_log;
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod client;
 pub mod compliance;
 pub mod config;
+pub mod export;
 pub mod grpc;
 pub mod keys;
 pub mod ledger;

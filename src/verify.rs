@@ -349,17 +349,31 @@ fn check_record(index: u64, leaf: &[u8], body: Option<Vec<u8>>) -> Result<Claim,
         .map_err(|_| entry_error(index, "leaf is not a LeafRecord"))?
         .record
         .ok_or_else(|| entry_error(index, "leaf carries no record"))?;
+    if let Some(problem) = body_problem(&record, body.as_deref()) {
+        return Err(entry_error(index, problem));
+    }
     let key = match record {
         leaf_record::Record::Communication(communication) => {
-            let body = body.ok_or_else(|| entry_error(index, "body is missing"))?;
-            if body.len() as u64 != communication.body_size
-                || Sha256::digest(&body).as_slice() != communication.body_sha256.as_slice()
-            {
-                return Err(entry_error(index, "body does not match body_sha256"));
-            }
             idempotency_key(&communication.sender_id, &communication.message_id)
         }
         leaf_record::Record::Fact(fact) => crate::records::fact::idempotency_key(&fact.fact_id),
     };
     Ok((Sha256::digest(&key).into(), index))
+}
+
+/// What is wrong with the body stored beside a leaf's record, if anything: a
+/// communication's body must have the size and SHA-256 its record commits to; a fact has
+/// no body (an empty one is the same as none).
+pub fn body_problem(record: &leaf_record::Record, body: Option<&[u8]>) -> Option<&'static str> {
+    match record {
+        leaf_record::Record::Communication(communication) => match body {
+            None => Some("body is missing"),
+            Some(body) => (body.len() as u64 != communication.body_size
+                || Sha256::digest(body).as_slice() != communication.body_sha256.as_slice())
+            .then_some("body does not match body_sha256"),
+        },
+        leaf_record::Record::Fact(_) => body
+            .is_some_and(|body| !body.is_empty())
+            .then_some("a fact carries a body"),
+    }
 }

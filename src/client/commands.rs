@@ -10,30 +10,7 @@ use crate::proto::{
     self, AppendBatchRequest, CheckSenderRequest, Entry, ListCommunicationsRequest,
     ListViolationsRequest, RecordFactRequest, leaf_record,
 };
-
-/// A proto enum value by its short lower-case name (`VERDICT_VIOLATION` → `violation`).
-fn short_name<E: TryFrom<i32>>(value: i32, prefix: &str, name: fn(&E) -> &'static str) -> String {
-    E::try_from(value)
-        .map(|known| name(&known).trim_start_matches(prefix).to_ascii_lowercase())
-        .unwrap_or_else(|_| value.to_string())
-}
-
-fn verdict_name(verdict: i32) -> String {
-    short_name(verdict, "VERDICT_", |v: &proto::Verdict| v.as_str_name())
-}
-
-fn topic_name(topic: i32) -> String {
-    short_name(topic, "TOPIC_", |t: &proto::Topic| t.as_str_name())
-}
-
-fn time_text(at: &Option<prost_types::Timestamp>) -> String {
-    at.as_ref()
-        .and_then(|at| {
-            let since = std::time::Duration::new(u64::try_from(at.seconds).ok()?, at.nanos as u32);
-            Some(humantime::format_rfc3339(std::time::UNIX_EPOCH + since).to_string())
-        })
-        .unwrap_or_default()
-}
+use crate::records::describe::{time_text, topic_name, verdict_name};
 
 /// The question `check` asks.
 pub struct CheckQuestion {

@@ -6,6 +6,7 @@
 //! and names its idempotency key; the ledger core only ever sees the resulting bytes.
 
 pub mod communication;
+pub mod describe;
 pub mod fact;
 pub mod validate;
 
