@@ -51,7 +51,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the log's public key as a C2SP note verifier key (works while the server runs).
     VerifierKey(KeyArgs),
-    /// Verify a stopped ledger end to end; exit 1 naming the first bad index.
+    /// Verify a stopped ledger end to end, a running server as a witness (--server), or an
+    /// export offline (--export); exit 1 naming what failed (the first bad index).
     Verify(VerifyArgs),
     /// Rebuild a stopped ledger's derived indexes from its entries alone.
     Reindex(KeyArgs),
@@ -72,11 +73,14 @@ enum Command {
     Append(AppendArgs),
     /// Record the facts of a JSON-lines file, in order.
     Fact(FactArgs),
+    /// Write the matching entries (all, without filters) to a file, with a manifest of
+    /// inclusion proofs beside it that `verify --export` checks offline.
+    Export(ExportArgs),
 }
 
-/// How a client command reaches the server and prints.
+/// How a client command reaches the server.
 #[derive(Args)]
-struct ClientArgs {
+struct ServerArgs {
     /// The server: http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(
         long,
@@ -90,6 +94,23 @@ struct ClientArgs {
     /// CA certificate (PEM) of the server's TLS certificate.
     #[arg(long, env = "AUDIT_LEDGER_TLS_CA")]
     tls_ca: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn connection(&self) -> client::Connection {
+        client::Connection {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+/// How a client command reaches the server and prints.
+#[derive(Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    server: ServerArgs,
     /// table for people; json (one object per line) or csv for programs.
     #[arg(long, value_enum, default_value = "table")]
     output: client::output::Format,
@@ -97,11 +118,7 @@ struct ClientArgs {
 
 impl ClientArgs {
     fn connection(&self) -> client::Connection {
-        client::Connection {
-            server: self.server.clone(),
-            token: self.token.clone(),
-            tls_ca: self.tls_ca.clone(),
-        }
+        self.server.connection()
     }
 }
 
@@ -180,6 +197,27 @@ struct AppendArgs {
     /// Communications per AppendBatch.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    filters: ListFilters,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    subscription: Option<String>,
+    /// jsonl (one JSON object per line) or csv.
+    #[arg(long, default_value = "jsonl")]
+    format: audit_ledger::export::Format,
+    /// The export file; the manifest is written beside it as FILE.manifest.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// Check the server's checkpoint against the log's key while exporting.
+    #[arg(long, env = "AUDIT_LEDGER_VERIFIER_KEY")]
+    verifier_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -320,13 +358,37 @@ struct ServeArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+/// Three ways to verify: a stopped ledger's store (the default), a running server as a
+/// witness (--server), or an export offline (--export).
 #[derive(Args)]
 struct VerifyArgs {
     #[command(flatten)]
     key: KeyArgs,
-    /// Verify with this note verifier key instead of the one derived from the signing key.
-    #[arg(long)]
+    /// The log's note verifier key (`audit-ledger verifier-key`); required with --server and
+    /// --export, else derived from the signing key.
+    #[arg(long, env = "AUDIT_LEDGER_VERIFIER_KEY")]
     verifier_key: Option<String>,
+    /// Verify a running server (http://HOST:PORT): its checkpoint must be signed by the key
+    /// and extend the one in --checkpoint-file.
+    #[arg(long, conflicts_with = "export")]
+    server: Option<String>,
+    /// Bearer token (--server).
+    #[arg(long, env = "AUDIT_LEDGER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) of the server's TLS certificate (--server).
+    #[arg(long, env = "AUDIT_LEDGER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The checkpoint seen last time (a signed note); checked against, then replaced by
+    /// the server's current one. Created on first use.
+    #[arg(long, requires = "server")]
+    checkpoint_file: Option<PathBuf>,
+    /// Also fetch every entry and recompute the tree (--server).
+    #[arg(long, requires = "server")]
+    full: bool,
+    /// An export to check offline: a directory (every *.manifest.jsonl in it), an export
+    /// file, or its manifest.
+    #[arg(long)]
+    export: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -409,6 +471,56 @@ fn main() -> ExitCode {
             println!(
                 "recorded {}, duplicates {}",
                 summary.appended, summary.duplicates
+            );
+            Ok(0)
+        }),
+        Command::Export(args) => client_command(async move {
+            let filters = client::commands::Filters {
+                customer: args.filters.customer,
+                sender: args.filters.sender,
+                from: args.filters.from,
+                to: args.filters.to,
+                topic: args.topic,
+                subscription: args.subscription,
+                ..Default::default()
+            };
+            let verifier = args
+                .verifier_key
+                .as_deref()
+                .map(CheckpointVerifier::new)
+                .transpose()?;
+            let bar = indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template("{spinner} {pos} entries ({per_sec})")
+                    .expect("valid template"),
+            );
+            let request = client::export::ExportRequest {
+                filters,
+                format: args.format,
+                out: args.out,
+                verifier,
+            };
+            let summary =
+                client::export::export(&args.server.connection(), request, |done, total| {
+                    if let Some(total) = total.filter(|_| bar.length().is_none()) {
+                        bar.set_length(total);
+                        bar.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
+                            )
+                            .expect("valid template"),
+                        );
+                    }
+                    bar.set_position(done);
+                })
+                .await;
+            bar.finish_and_clear();
+            let summary = summary?;
+            println!(
+                "exported {} entries, proven in the checkpoint of tree size {}, to {} (manifest {})",
+                summary.entries,
+                summary.tree_size,
+                summary.out.display(),
+                summary.manifest.display()
             );
             Ok(0)
         }),
@@ -561,7 +673,131 @@ fn verifier_key(args: KeyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn pinned_verifier(args: &VerifyArgs, what: &str) -> anyhow::Result<CheckpointVerifier> {
+    let key = args.verifier_key.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{what} needs --verifier-key (or AUDIT_LEDGER_VERIFIER_KEY): the log's key as you \
+             pinned it, from `audit-ledger verifier-key` where the ledger runs"
+        )
+    })?;
+    Ok(CheckpointVerifier::new(key)?)
+}
+
+fn verify_export(args: &VerifyArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use audit_ledger::export::check;
+    let verifier = pinned_verifier(args, "verify --export")?;
+    let manifests = check::manifests_at(path).map_err(|error| anyhow::anyhow!(error))?;
+    let mut failed = false;
+    for manifest in manifests {
+        let bar = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} entries ({per_sec})")
+                .expect("valid template"),
+        );
+        let result = check::verify_export(&manifest, &verifier, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        match result {
+            Ok(report) => println!(
+                "ok: {}: {} entries, each proven in the checkpoint of tree size {} (root {}) signed by {}",
+                report.export_file.display(),
+                report.entries,
+                report.tree_size,
+                hex_string(&report.root_hash.0),
+                report.origin
+            ),
+            Err(error) => {
+                failed = true;
+                match error.first_bad_index() {
+                    Some(index) => println!("FAILED at entry {index}: {error}"),
+                    None => println!("FAILED: {error}"),
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn verify_server(args: &VerifyArgs, server: &str) -> anyhow::Result<ExitCode> {
+    use client::witness::{Outcome, witness};
+    let verifier = pinned_verifier(args, "verify --server")?;
+    let connection = client::Connection {
+        server: server.to_owned(),
+        token: args.token.clone(),
+        tls_ca: args.tls_ca.clone(),
+    };
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
+        )
+        .expect("valid template"),
+    );
+    let outcome = client_command(async {
+        let outcome = witness(
+            &connection,
+            &verifier,
+            args.checkpoint_file.as_deref(),
+            args.full,
+            |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            },
+        )
+        .await;
+        bar.finish_and_clear();
+        match outcome? {
+            Outcome::Failed(reason) => {
+                println!("FAILED: {reason}");
+                Ok(1)
+            }
+            Outcome::Consistent {
+                previous,
+                latest,
+                entries_checked,
+            } => {
+                let from = match &previous {
+                    Some(previous) => format!(
+                        "consistent with the saved checkpoint: size {} -> {}",
+                        previous.size, latest.size
+                    ),
+                    None if args.checkpoint_file.is_some() => format!(
+                        "no saved checkpoint yet (trusted on first use): size {}",
+                        latest.size
+                    ),
+                    None => format!("signed checkpoint: size {}", latest.size),
+                };
+                let full = entries_checked
+                    .map(|count| format!(", all {count} entries fetched and rehashed to the root"))
+                    .unwrap_or_default();
+                let saved = args
+                    .checkpoint_file
+                    .as_ref()
+                    .map(|path| format!("; saved to {}", path.display()))
+                    .unwrap_or_default();
+                println!(
+                    "ok: {} {from}, root {}{full}{saved}",
+                    latest.origin,
+                    hex_string(&latest.root_hash.0)
+                );
+                Ok(0)
+            }
+        }
+    })?;
+    Ok(outcome)
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.export {
+        return verify_export(&args, path);
+    }
+    if let Some(server) = &args.server {
+        return verify_server(&args, server);
+    }
     let verifier = match args.verifier_key {
         Some(key) => CheckpointVerifier::new(&key)?,
         None => {

@@ -3,8 +3,10 @@
 //! generated gRPC clients any other client would.
 
 pub mod commands;
+pub mod export;
 pub mod input;
 pub mod output;
+pub mod witness;
 
 use std::path::PathBuf;
 

@@ -1,8 +1,10 @@
 //! Offline verification of an export against its manifest, trusting only the verifier key:
 //! the checkpoint's signature, then for every line the leaf hash, the leaf's own index, the
 //! inclusion proof to the checkpoint's root, the body digest, the descriptive columns (each
-//! re-derived from the leaf), and the hash chain between consecutive entries; finally that
-//! no line is missing or added and the file is byte for byte the one the manifest names.
+//! re-derived from the leaf), and the hash chain wherever one line holds the entry right
+//! after the line before (a full export is one chain); finally that no entry appears twice,
+//! none is missing or added, and the file is byte for byte the one the manifest names.
+//! Lines may come in any order: a filtered export lists communications by `sent_at`.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -171,6 +173,7 @@ pub fn verify_export(
     );
     let mut checked = 0u64;
     let mut previous: Option<(u64, Hash)> = None;
+    let mut seen = std::collections::HashSet::new();
     for row in read_rows(format, input) {
         let row = row.map_err(|error| ExportCheckError::Line {
             path: export.clone(),
@@ -194,12 +197,8 @@ pub fn verify_export(
                 proof.index
             )));
         }
-        if let Some((before, _)) = previous
-            && row.index <= before
-        {
-            return Err(line_error(format!(
-                "entries must ascend; entry {before} came before"
-            )));
+        if !seen.insert(row.index) {
+            return Err(line_error("the entry appears twice".to_owned()));
         }
         let leaf_hash = merkle::leaf_hash(&row.leaf);
         if row.leaf_hash != leaf_hash.0 {
@@ -413,6 +412,21 @@ mod tests {
                 .unwrap()
                 .entries,
             0
+        );
+    }
+
+    #[test]
+    fn an_entry_twice_is_caught_and_any_order_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = check(&export(dir.path(), Format::Jsonl, &[1, 2, 1])).unwrap_err();
+        assert_eq!(error.first_bad_index(), Some(1), "{error}");
+        assert!(error.to_string().contains("twice"), "{error}");
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            check(&export(dir.path(), Format::Csv, &[7, 2, 5]))
+                .unwrap()
+                .entries,
+            3
         );
     }
 

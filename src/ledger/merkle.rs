@@ -320,6 +320,16 @@ impl Frontier {
         self.size += 1;
         added
     }
+
+    /// MTH of the tree so far, RFC 9162 §2.1.1: the perfect subtrees' roots folded from the
+    /// right; the empty tree's hash at size 0.
+    pub fn root(&self) -> Hash {
+        let mut subtrees = self.roots.iter().rev().map(|(_, hash)| *hash);
+        match subtrees.next() {
+            None => EMPTY_HASH,
+            Some(last) => subtrees.fold(last, |right, left| node_hash(left, right)),
+        }
+    }
 }
 
 /// A complete in-memory node set, for tests and for recomputing a tree from its leaves.
@@ -392,6 +402,7 @@ mod tests {
     fn a_frontier_adds_the_same_nodes_as_the_stored_hash_layout() {
         let mut tree = MemoryNodes::default();
         let mut from_empty = Frontier::at(0, &tree).unwrap();
+        assert_eq!(from_empty.root(), EMPTY_HASH);
         for n in 0..300u64 {
             let hash = leaf_hash(&n.to_be_bytes());
             let expected = nodes_for_new_leaf(n, hash, &tree).unwrap();
@@ -401,6 +412,11 @@ mod tests {
             assert_eq!(from_empty.push(hash), expected, "leaf {n}, carried");
             assert_eq!(from_empty.size(), n + 1);
             tree.push_leaf(hash).unwrap();
+            assert_eq!(
+                from_empty.root(),
+                root_hash(n + 1, &tree).unwrap(),
+                "root {n}"
+            );
         }
     }
 

@@ -96,6 +96,11 @@ pub fn leaf_key(index: u64) -> [u8; 9] {
     indexed_key(LEAF, index)
 }
 
+/// The key of entry `index`'s body. Public so that tests can tamper with a stored body.
+pub fn body_key(index: u64) -> [u8; 9] {
+    indexed_key(BODY, index)
+}
+
 /// The key of the tree nodes written with entry `index`.
 pub fn nodes_key(index: u64) -> [u8; 9] {
     indexed_key(NODES, index)

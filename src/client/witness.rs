@@ -1,0 +1,233 @@
+//! `audit-ledger verify --server URL`: online verification, as a witness does it. The
+//! server's latest checkpoint must carry a valid signature of the pinned key and must
+//! extend the checkpoint saved by the previous run (an RFC 9162 consistency proof from the
+//! server, checked here); only then is it saved for the next run. With `full`, every entry
+//! is also fetched and the whole tree recomputed: leaf hashes, the hash chain, body digests,
+//! and the root against the checkpoint, trusting nothing the server says about itself.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use futures_util::StreamExt;
+use prost::Message;
+
+use super::{Connection, call_error};
+use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, decode_header};
+use crate::ledger::merkle::{self, Frontier, Hash, MemoryNodes};
+use crate::ledger::{CheckpointVerifier, SignedCheckpoint};
+use crate::proto::{
+    GetCheckpointRequest, GetConsistencyProofRequest, LeafRecord, ListEntriesRequest,
+};
+use crate::verify::body_problem;
+
+/// How a witness run ended, when it could run at all.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Everything checked; the new checkpoint was saved (when a file was given).
+    Consistent {
+        /// The saved checkpoint this run started from, if any.
+        previous: Option<SignedCheckpoint>,
+        latest: SignedCheckpoint,
+        /// Entries fetched and recomputed (`full`).
+        entries_checked: Option<u64>,
+    },
+    /// The server's answers do not hold up: the reason; nothing was saved.
+    Failed(String),
+}
+
+/// Reads and verifies a saved checkpoint; `None` when the file does not exist yet.
+pub fn load_checkpoint(
+    path: &Path,
+    verifier: &CheckpointVerifier,
+) -> anyhow::Result<Option<SignedCheckpoint>> {
+    match std::fs::read(path) {
+        Ok(note) => verifier.verify(&note).map(Some).map_err(|error| {
+            anyhow::anyhow!(
+                "the saved checkpoint {} does not verify with this key: {error}",
+                path.display()
+            )
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(anyhow::anyhow!("cannot read {}: {error}", path.display())),
+    }
+}
+
+/// Replaces the saved checkpoint atomically: a crash leaves the old one or the new one.
+pub fn save_checkpoint(path: &Path, checkpoint: &SignedCheckpoint) -> anyhow::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".partial");
+    let temporary = std::path::PathBuf::from(temporary);
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&temporary)?;
+        file.write_all(checkpoint.note.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|error| anyhow::anyhow!("cannot save {}: {error}", path.display()))
+}
+
+/// Fetches every entry below `size` and recomputes the tree; the problem, if any.
+async fn check_every_entry(
+    connection: &Connection,
+    latest: &SignedCheckpoint,
+    progress: &mut impl FnMut(u64, u64),
+) -> anyhow::Result<Result<u64, String>> {
+    let mut clients = connection.clients().await?;
+    let mut frontier =
+        Frontier::at(0, &MemoryNodes::default()).expect("the empty tree needs no nodes");
+    let mut previous = GENESIS_PREV_LEAF_HASH;
+    while frontier.size() < latest.size {
+        let start = frontier.size();
+        let mut stream = clients
+            .ledger
+            .list_entries(ListEntriesRequest {
+                start_index: start,
+                limit: (latest.size - start).min(10_000),
+            })
+            .await
+            .map_err(|status| call_error("ListEntries", status))?
+            .into_inner();
+        while let Some(item) = stream.next().await {
+            let entry = item
+                .map_err(|status| call_error("ListEntries", status))?
+                .entry
+                .unwrap_or_default();
+            let index = frontier.size();
+            if entry.index != index {
+                return Ok(Err(format!(
+                    "the server sent entry {} where {index} was due",
+                    entry.index
+                )));
+            }
+            let problem = |text: &str| Ok(Err(format!("entry {index}: {text}")));
+            let leaf_hash = merkle::leaf_hash(&entry.leaf);
+            let Ok(header) = decode_header(&entry.leaf) else {
+                return problem("the leaf has no valid chain header");
+            };
+            if header.index != index {
+                return problem("the leaf names another index");
+            }
+            if header.prev_leaf_hash != previous {
+                return problem("prev_leaf_hash does not chain to the entry before");
+            }
+            let Some(record) = LeafRecord::decode(entry.leaf.as_slice())
+                .ok()
+                .and_then(|leaf| leaf.record)
+            else {
+                return problem("the leaf carries no record");
+            };
+            if let Some(text) = body_problem(&record, Some(&entry.body)) {
+                return problem(text);
+            }
+            frontier.push(leaf_hash);
+            previous = leaf_hash;
+            progress(frontier.size(), latest.size);
+            if frontier.size() == latest.size {
+                break;
+            }
+        }
+        if frontier.size() == start {
+            return Ok(Err(format!("the server sent no entries from {start}")));
+        }
+    }
+    if frontier.root() != latest.root_hash {
+        return Ok(Err(format!(
+            "the {} entries the server serves do not hash to its checkpoint's root",
+            latest.size
+        )));
+    }
+    Ok(Ok(latest.size))
+}
+
+/// One witness run. Errors are for runs that could not be made (unreachable server, bad
+/// files); a server whose answers do not verify is [`Outcome::Failed`].
+pub async fn witness(
+    connection: &Connection,
+    verifier: &CheckpointVerifier,
+    checkpoint_file: Option<&Path>,
+    full: bool,
+    mut progress: impl FnMut(u64, u64),
+) -> anyhow::Result<Outcome> {
+    let previous = match checkpoint_file {
+        Some(path) => load_checkpoint(path, verifier)?,
+        None => None,
+    };
+    let mut clients = connection.clients().await?;
+    let served = clients
+        .ledger
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .map_err(|status| call_error("GetCheckpoint", status))?
+        .into_inner()
+        .checkpoint
+        .unwrap_or_default();
+    let latest = match verifier.verify(served.note.as_bytes()) {
+        Ok(latest) => latest,
+        Err(error) => return Ok(Outcome::Failed(format!("the server's checkpoint: {error}"))),
+    };
+    if latest.size != served.size || latest.root_hash.0.as_slice() != served.root_hash.as_slice() {
+        return Ok(Outcome::Failed(
+            "the server's checkpoint fields differ from its signed note".to_owned(),
+        ));
+    }
+    if let Some(previous) = &previous {
+        if latest.size < previous.size {
+            return Ok(Outcome::Failed(format!(
+                "the server's checkpoint (size {}) is older than the saved one (size {}): the log was rolled back or is showing another view",
+                latest.size, previous.size
+            )));
+        }
+        let proof = clients
+            .ledger
+            .get_consistency_proof(GetConsistencyProofRequest {
+                from_size: previous.size,
+                to_size: latest.size,
+            })
+            .await
+            .map_err(|status| call_error("GetConsistencyProof", status))?
+            .into_inner();
+        let hashes: Option<Vec<Hash>> = proof
+            .hashes
+            .iter()
+            .map(|hash| <[u8; 32]>::try_from(hash.as_slice()).ok().map(Hash))
+            .collect();
+        let consistent = (proof.from_size, proof.to_size) == (previous.size, latest.size)
+            && hashes.is_some_and(|hashes| {
+                merkle::verify_consistency(
+                    previous.size,
+                    previous.root_hash,
+                    latest.size,
+                    latest.root_hash,
+                    &hashes,
+                )
+                .is_ok()
+            });
+        if !consistent {
+            return Ok(Outcome::Failed(format!(
+                "the server's tree of size {} does not extend the saved tree of size {}: the log was rewritten (fork)",
+                latest.size, previous.size
+            )));
+        }
+    }
+    let entries_checked = if full {
+        match check_every_entry(connection, &latest, &mut progress).await? {
+            Ok(count) => Some(count),
+            Err(problem) => return Ok(Outcome::Failed(problem)),
+        }
+    } else {
+        None
+    };
+    if let Some(path) = checkpoint_file {
+        save_checkpoint(path, &latest)?;
+    }
+    Ok(Outcome::Consistent {
+        previous,
+        latest,
+        entries_checked,
+    })
+}
