@@ -99,12 +99,13 @@ impl<W: Write> Printer<W> {
                 writeln!(self.out, "{}", serde_json::Value::Object(object))
             }
             Format::Csv => {
+                let mut csv = csv::Writer::from_writer(&mut self.out);
                 if !self.header_written {
-                    writeln!(self.out, "{}", self.columns.join(","))?;
+                    csv.write_record(&self.columns)?;
                     self.header_written = true;
                 }
-                let line: Vec<String> = cells.iter().map(|cell| csv_field(&cell.text())).collect();
-                writeln!(self.out, "{}", line.join(","))
+                csv.write_record(cells.iter().map(Cell::text))?;
+                csv.flush()
             }
         }
     }
@@ -137,15 +138,6 @@ impl<W: Write> Printer<W> {
             writeln!(self.out, "{}", self.columns.join(","))?;
         }
         self.out.flush()
-    }
-}
-
-/// RFC 4180: quote fields with commas, quotes or line breaks; double the quotes.
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
     }
 }
 
