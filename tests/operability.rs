@@ -317,3 +317,92 @@ async fn buf_curl_calls_every_service_through_reflection() {
     assert_eq!(health["status"], "SERVING");
     server.terminate();
 }
+
+/// The `ENV` settings of the Dockerfile's runtime stage, as (name, value).
+fn dockerfile_environment() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|line| line.trim_start().starts_with("ENV "))
+        .expect("the Dockerfile sets its settings with ENV");
+    line.trim_start()["ENV ".len()..]
+        .split_whitespace()
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').expect("ENV NAME=value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+/// No container engine runs on the build machines, so the image's contract is checked
+/// here instead: the binary started with exactly the Dockerfile's environment (its /data and
+/// /config mapped to temporary directories) and a settings file in /config serves on every
+/// interface, logs JSON, and keeps its ledger in the data volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_container_environment_serves_from_its_volume_and_settings_file() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, config) = (root.path().join("data"), root.path().join("config"));
+    std::fs::create_dir_all(&config).unwrap();
+    let environment = dockerfile_environment();
+    let names: Vec<&str> = environment.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "AUDIT_LEDGER_DATA_DIR",
+            "AUDIT_LEDGER_LISTEN",
+            "AUDIT_LEDGER_CONFIG",
+            "AUDIT_LEDGER_LOG_FORMAT"
+        ]
+    );
+    let mut command = Command::new(binary());
+    command.arg("serve").env_clear().env("RUST_LOG", "info");
+    for (name, value) in environment {
+        let value = if let Some(rest) = value.strip_prefix("/data") {
+            format!("{}{rest}", data.display())
+        } else if let Some(rest) = value.strip_prefix("/config") {
+            format!("{}{rest}", config.display())
+        } else if name == "AUDIT_LEDGER_LISTEN" {
+            // Every interface, as in the image; a free port instead of 50051.
+            assert_eq!(value, "0.0.0.0:50051");
+            "0.0.0.0:0".to_owned()
+        } else {
+            value
+        };
+        command.env(name, value);
+    }
+    // Without credentials and TLS the server refuses every interface: the settings file is
+    // where an operator says otherwise (here, insecure, to keep the test small).
+    std::fs::write(config.join("audit-ledger.toml"), "").unwrap();
+    let refused = command.output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refusing to listen on 0.0.0.0"),
+        "{refused:?}"
+    );
+    std::fs::write(
+        config.join("audit-ledger.toml"),
+        "insecure = true\nmax-batch-records = 7\n",
+    )
+    .unwrap();
+    command.stderr(Stdio::piped());
+    let mut server = ChildServer::spawn(command);
+    let port = server.address.rsplit(':').next().unwrap().to_owned();
+    assert!(server.address.starts_with("0.0.0.0:"), "{}", server.address);
+    let address = format!("127.0.0.1:{port}");
+    assert_eq!(batch_limit(&address).await, "7");
+    assert!(data.join(audit_ledger::server::STORE_DIR_NAME).is_dir());
+    assert!(data.join("signing.key").is_file());
+    let mut stderr = server.child.stderr.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut logs = String::new();
+    stderr.read_to_string(&mut logs).unwrap();
+    assert!(!logs.trim().is_empty());
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|error| panic!("not a JSON log line ({error}): {line}"));
+    }
+}
