@@ -2,7 +2,6 @@
 //! latency percentiles per scenario, beside the `noop` ceiling of the RPC stack (the health
 //! check) measured the same way on the same machine.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -466,12 +465,13 @@ async fn populate_facts(
 /// Offline `verify` throughput over a stopped ledger, in entries per second.
 pub fn verify_throughput(data_dir: &std::path::Path) -> anyhow::Result<(u64, Duration)> {
     let signer = crate::keys::load(&crate::keys::key_path(data_dir, None))?;
-    let store = Arc::new(crate::storage::SledStore::open(
+    let opened = crate::storage::open_store(
         &data_dir.join(crate::server::STORE_DIR_NAME),
+        crate::storage::StorageKind::default(),
         256 * 1024 * 1024,
-    )?);
+    )?;
     let started = Instant::now();
-    let report = crate::verify::verify_store(store.as_ref(), &signer.verifier(), |_, _| {})
+    let report = crate::verify::verify_store(opened.store.as_ref(), &signer.verifier(), |_, _| {})
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     Ok((report.tree_size, started.elapsed()))
 }

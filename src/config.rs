@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_group_records: usize,
     /// sled page cache, in bytes.
     pub cache_bytes: u64,
+    /// The backend of a new store (an existing one keeps its own).
+    pub storage: crate::storage::StorageKind,
     /// Free space kept on the data dir's filesystem: appends are refused below it.
     pub min_free_bytes: u64,
     /// Principals and their credentials; `None` runs without authentication, which is only
@@ -102,6 +104,7 @@ impl ServerConfig {
             max_list_entries: 10_000,
             max_group_records: 8192,
             cache_bytes: 256 * 1024 * 1024,
+            storage: crate::storage::StorageKind::default(),
             min_free_bytes: 64 * 1024 * 1024,
             shutdown_grace: std::time::Duration::from_secs(10),
             query_limits: crate::compliance::QueryLimits::default(),

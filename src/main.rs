@@ -21,7 +21,6 @@ use audit_ledger::config::{ServerConfig, TlsFiles};
 use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
 use audit_ledger::server::{self, STORE_DIR_NAME, Server};
-use audit_ledger::storage::SledStore;
 use audit_ledger::telemetry::{self, LogFormat};
 use audit_ledger::verify::verify_store;
 
@@ -318,6 +317,10 @@ struct ServeArgs {
     /// Most entries one ListEntries call streams.
     #[arg(long, env = "AUDIT_LEDGER_MAX_LIST_ENTRIES", default_value_t = 10_000)]
     max_list_entries: u64,
+    /// Backend of a new ledger: sled (everything in sled) or log (entries in an append-only
+    /// file with one fdatasync per group, keys in sled). An existing ledger keeps its own.
+    #[arg(long, env = "AUDIT_LEDGER_STORAGE", default_value = "sled")]
+    storage: audit_ledger::storage::StorageKind,
     /// sled page cache size, in bytes.
     #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     cache_bytes: u64,
@@ -634,6 +637,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_message_bytes = args.max_message_bytes;
     config.max_list_entries = args.max_list_entries;
     config.cache_bytes = args.cache_bytes;
+    config.storage = args.storage;
     config.min_free_bytes = args.min_free_bytes;
     config.auth_file = args.auth_file;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
@@ -809,7 +813,12 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if !store_dir.is_dir() {
         anyhow::bail!("{} holds no ledger store", args.key.data_dir.display());
     }
-    let store = Arc::new(SledStore::open(&store_dir, 64 * 1024 * 1024)?);
+    let opened = audit_ledger::storage::open_store(
+        &store_dir,
+        audit_ledger::storage::StorageKind::default(),
+        64 * 1024 * 1024,
+    )?;
+    let store = opened.store;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "{bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
@@ -822,7 +831,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    let access = AccessLog::open(Arc::new(store.access_log()?))?;
+    let access = AccessLog::open(Arc::new(opened.access))?;
     match result {
         Ok(report) => match access.verify() {
             Ok(records) => {

@@ -23,7 +23,7 @@ use crate::ledger::{Ledger, LedgerError, LedgerOptions};
 use crate::proto::access_log_service_server::AccessLogServiceServer;
 use crate::proto::compliance_service_server::ComplianceServiceServer;
 use crate::proto::ledger_service_server::LedgerServiceServer;
-use crate::storage::{IndexStore, SledStore, StorageError};
+use crate::storage::{IndexStore, StorageError, StorageKind, open_store};
 
 /// Health-check service name that reports whether writes are accepted.
 pub const WRITES_HEALTH_SERVICE: &str = "audit.ledger.v1.Writes";
@@ -103,12 +103,16 @@ impl Server {
             DEFAULT_ORIGIN,
             config.signing_key.is_none(),
         )?;
-        let store = SledStore::open(&config.data_dir.join(STORE_DIR_NAME), config.cache_bytes)?;
-        let index: Arc<dyn IndexStore> = Arc::new(store.index()?);
-        let access = AccessLog::open(Arc::new(store.access_log()?))?;
+        let opened = open_store(
+            &config.data_dir.join(STORE_DIR_NAME),
+            config.storage,
+            config.cache_bytes,
+        )?;
+        let index: Arc<dyn IndexStore> = Arc::new(opened.index);
+        let access = AccessLog::open(Arc::new(opened.access))?;
         let token_secret = signer.secret_bytes();
         let ledger = Ledger::open(
-            Arc::new(store),
+            opened.store,
             signer,
             LedgerOptions {
                 max_group_records: config.max_group_records,
@@ -272,11 +276,15 @@ impl Server {
 /// checkpoint first, as at every start.
 pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64, ServerError> {
     let signer = keys::load(&keys::key_path(data_dir, signing_key))?;
-    let store = SledStore::open(&data_dir.join(STORE_DIR_NAME), 64 * 1024 * 1024)?;
-    let index = store.index()?;
+    let opened = open_store(
+        &data_dir.join(STORE_DIR_NAME),
+        StorageKind::default(),
+        64 * 1024 * 1024,
+    )?;
+    let index = opened.index;
     index.clear()?;
     let ledger = Ledger::open(
-        Arc::new(store),
+        opened.store,
         signer,
         LedgerOptions::default(),
         Some(Box::new(ComplianceIndexer::new(Arc::new(index)))),

@@ -5,11 +5,82 @@
 //! hashing, chaining and signing all happen in the ledger core, so every backend holds
 //! exactly the same bytes and a ledger verifies the same way whatever it is stored in.
 
+pub mod log_store;
 pub mod sled_store;
 
+pub use log_store::LogStore;
 pub use sled_store::{SledIndex, SledStore};
 
+use std::path::Path;
+use std::sync::Arc;
+
 use crate::ledger::merkle::Hash;
+
+/// Which backend a new store is made with; an existing store is opened as what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StorageKind {
+    /// Everything in sled: one atomic batch and one flush per group commit.
+    #[default]
+    Sled,
+    /// Entries in an append-only log file (one `fdatasync` per group), keys in sled.
+    Log,
+}
+
+impl std::str::FromStr for StorageKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "sled" => Ok(StorageKind::Sled),
+            "log" => Ok(StorageKind::Log),
+            _ => Err(format!("storage {text:?} is not sled or log")),
+        }
+    }
+}
+
+/// An opened store with its sled trees for derived indexes and the access log.
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    pub index: SledIndex,
+    pub access: SledIndex,
+    pub kind: StorageKind,
+}
+
+/// Opens the store in `dir` as the backend it was made with, or makes a `new_kind` store
+/// when `dir` holds none yet.
+pub fn open_store(
+    dir: &Path,
+    new_kind: StorageKind,
+    cache_bytes: u64,
+) -> Result<OpenedStore, StorageError> {
+    let kind = if dir.join(log_store::LOG_FILE).exists() {
+        StorageKind::Log
+    } else if dir.join("db").exists() {
+        StorageKind::Sled
+    } else {
+        new_kind
+    };
+    Ok(match kind {
+        StorageKind::Sled => {
+            let store = SledStore::open(dir, cache_bytes)?;
+            OpenedStore {
+                index: store.index()?,
+                access: store.access_log()?,
+                store: Arc::new(store),
+                kind,
+            }
+        }
+        StorageKind::Log => {
+            let store = LogStore::open(dir, cache_bytes)?;
+            OpenedStore {
+                index: store.index()?,
+                access: store.access_log()?,
+                store: Arc::new(store),
+                kind,
+            }
+        }
+    })
+}
 
 /// Everything one group commit writes. [`Store::commit`] applies it all or nothing and
 /// returns only once it is durable.

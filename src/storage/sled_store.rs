@@ -27,14 +27,23 @@ pub struct SledStore {
 }
 
 /// Name of the sled tree holding derived indexes.
-const INDEX_TREE: &[u8] = b"index";
+pub(super) const INDEX_TREE: &[u8] = b"index";
 
 /// Name of the sled tree holding the access log.
-const ACCESS_TREE: &[u8] = b"access";
+pub(super) const ACCESS_TREE: &[u8] = b"access";
 
 /// [`IndexStore`] on a sled tree (derived indexes, the access log).
 pub struct SledIndex {
     tree: sled::Tree,
+}
+
+impl SledIndex {
+    /// The tree `name` of `db`.
+    pub(super) fn open(db: &sled::Db, name: &[u8]) -> Result<Self, StorageError> {
+        Ok(SledIndex {
+            tree: db.open_tree(name).map_err(backend)?,
+        })
+    }
 }
 
 impl IndexStore for SledIndex {
@@ -76,7 +85,7 @@ impl IndexStore for SledIndex {
     }
 }
 
-fn backend(error: sled::Error) -> StorageError {
+pub(super) fn backend(error: sled::Error) -> StorageError {
     match &error {
         sled::Error::Io(io)
             if io.kind() == std::io::ErrorKind::StorageFull
@@ -138,6 +147,36 @@ fn decode_nodes(index: u64, bytes: &[u8]) -> Result<Vec<Hash>, StorageError> {
         .collect())
 }
 
+/// Opens the sled database in `dir`, naming the lock error; `flush_every_ms` is sled's
+/// background flush (`None`: only explicit flushes).
+pub(super) fn open_sled(
+    dir: &Path,
+    cache_bytes: u64,
+    flush_every_ms: Option<u64>,
+) -> Result<sled::Db, StorageError> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(flush_every_ms)
+        // Measured: batches of 1,000 at 7,942 entries/s against 5,385 in the default
+        // LowSpace mode, unary appends +11 %, for ~10 % more disk (docs/BENCHMARKS.md).
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|error| match error {
+            // sled reports its exclusive file lock as an I/O error with this text.
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
+                StorageError::Backend(format!(
+                    "{} is in use by another process (is the server running?)",
+                    dir.display()
+                ))
+            }
+            other => backend(other),
+        })
+}
+
 fn idempotency_key(key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(key.len() + 1);
     out.push(IDEMPOTENCY);
@@ -148,28 +187,8 @@ fn idempotency_key(key: &[u8]) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store in `dir`. `cache_bytes` sizes sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            // We flush at every group commit ourselves; sled's timer flush adds nothing.
-            .flush_every_ms(None)
-            // Measured: batches of 1,000 at 7,942 entries/s against 5,385 in the default
-            // LowSpace mode, unary appends +11 %, for ~10 % more disk (docs/BENCHMARKS.md).
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|error| match error {
-                // sled reports its exclusive file lock as an I/O error with this text.
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    StorageError::Backend(format!(
-                        "{} is in use by another process (is the server running?)",
-                        dir.display()
-                    ))
-                }
-                other => backend(other),
-            })?;
+        // We flush at every group commit ourselves; sled's timer flush adds nothing.
+        let db = open_sled(dir, cache_bytes, None)?;
         match db.get(LAYOUT_KEY).map_err(backend)? {
             Some(version) if version.as_ref() == LAYOUT_VERSION => {}
             Some(version) => {
@@ -192,16 +211,12 @@ impl SledStore {
 
     /// The derived-index space, a sled tree of its own beside the ledger's.
     pub fn index(&self) -> Result<SledIndex, StorageError> {
-        Ok(SledIndex {
-            tree: self.db.open_tree(INDEX_TREE).map_err(backend)?,
-        })
+        SledIndex::open(&self.db, INDEX_TREE)
     }
 
     /// The access log's space, another sled tree.
     pub fn access_log(&self) -> Result<SledIndex, StorageError> {
-        Ok(SledIndex {
-            tree: self.db.open_tree(ACCESS_TREE).map_err(backend)?,
-        })
+        SledIndex::open(&self.db, ACCESS_TREE)
     }
 
     /// The raw sled database, for tests that alter the store behind the ledger's back.

@@ -1,0 +1,720 @@
+//! The log [`Store`]: every group commit is one frame appended to an append-only file,
+//! `ledger.log`, made durable by one `fdatasync`; sled, beside it, keeps the keyed data
+//! (idempotency keys, checkpoints by size) and the derived indexes, without flushing.
+//!
+//! Why: a sled flush costs 1–2 ms and sled's own ceiling on this machine is 31,600 entries/s
+//! for the all-in-sled layout (docs/BENCHMARKS.md); one sequential write and one
+//! `fdatasync` per group is what the disk can do.
+//!
+//! # Files
+//! - `ledger.log`: frames, back to back. A frame holds everything a [`CommitBatch`] holds:
+//!   ```text
+//!   magic "ALF1" | frame_len u64 | first_index u64 | entries u32 | keys u32 | has_checkpoint u8
+//!   entries × (index u64 | frame_start u64 | leaf_len u32 | body_len u32 | nodes u8 | nodes×32 | leaf | body)
+//!   keys × (key_len u16 | key | idempotency record (40))
+//!   [checkpoint: size u64 | note_len u32 | note]
+//!   SHA-256 of everything above
+//!   ```
+//!   all integers little-endian. The frame is the unit of atomicity: after a crash, a last
+//!   frame whose checksum does not match is a write that was never acknowledged; it is
+//!   ignored and later overwritten. A damaged frame that sled had already applied is
+//!   tampering, and the store refuses to open.
+//! - `ledger.idx`: the offset of entry `i`'s record at byte `8 i`. Derived from the log:
+//!   written after the log's `fdatasync`, never synced itself, checked and completed from
+//!   the log at every open.
+//! - sled: idempotency keys and checkpoints, applied from each frame right after it is
+//!   durable, unflushed (sled flushes in the background), with the log offset they cover
+//!   (`m/applied`) in the same atomic batch; at open, frames past it are applied again.
+//!
+//! So an acknowledged group is durable once, in one file, and everything else is rebuilt
+//! from that file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::sled_store::{SledIndex, backend, open_sled};
+use super::{
+    Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, RawEntries, RawEntry,
+    StorageError, Store,
+};
+use crate::ledger::merkle::{HASH_SIZE, Hash};
+
+/// File names inside the store directory.
+pub const LOG_FILE: &str = "ledger.log";
+pub const INDEX_FILE: &str = "ledger.idx";
+
+const MAGIC: &[u8; 4] = b"ALF1";
+/// Frame header: magic, frame_len, first_index, entries, keys, has_checkpoint.
+const FRAME_HEADER: usize = 4 + 8 + 8 + 4 + 4 + 1;
+/// Entry record header: index, frame_start, leaf_len, body_len, nodes.
+const ENTRY_HEADER: usize = 8 + 8 + 4 + 4 + 1;
+
+/// sled keys.
+const IDEMPOTENCY: u8 = b'i';
+const CHECKPOINT: u8 = b'c';
+const APPLIED_KEY: &[u8] = b"m/applied";
+const LAYOUT_KEY: &[u8] = b"m/layout";
+/// Layout 2: entries in `ledger.log` (layout 1 is the all-in-sled [`super::SledStore`]).
+pub const LAYOUT_VERSION: &[u8] = b"2";
+
+/// Where the log ends, as the writer left it.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    /// End of the last durable frame.
+    log_end: u64,
+    /// Log offset up to which frames are applied to sled.
+    applied: u64,
+    /// Size of the last checkpoint in the log (to recognise a retried batch).
+    last_checkpoint: Option<u64>,
+}
+
+pub struct LogStore {
+    db: sled::Db,
+    dir: PathBuf,
+    log: File,
+    idx: File,
+    /// Entries in the log (readers only ask for fewer).
+    entries: AtomicU64,
+    tail: Mutex<Tail>,
+}
+
+fn malformed(text: impl Into<String>) -> StorageError {
+    StorageError::Malformed(text.into())
+}
+
+fn io(error: std::io::Error) -> StorageError {
+    if error.raw_os_error() == Some(28) {
+        StorageError::NoSpace(error.to_string())
+    } else {
+        StorageError::Backend(error.to_string())
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// One frame, parsed.
+struct Frame {
+    start: u64,
+    len: u64,
+    first_index: u64,
+    /// Absolute log offsets of the entry records.
+    entry_offsets: Vec<u64>,
+    keys: Vec<(Vec<u8>, IdempotencyRecord)>,
+    checkpoint: Option<(u64, Vec<u8>)>,
+}
+
+/// Serializes a batch as the frame that starts at `start`; returns it and the offsets of
+/// its entry records.
+fn encode_frame(batch: &CommitBatch, start: u64) -> (Vec<u8>, Vec<u64>) {
+    let size = encode_len(batch);
+    let mut frame = Vec::with_capacity(size);
+    frame.extend_from_slice(MAGIC);
+    frame.extend_from_slice(&(size as u64).to_le_bytes());
+    let first = batch.entries.first().map_or(0, |entry| entry.index);
+    frame.extend_from_slice(&first.to_le_bytes());
+    frame.extend_from_slice(&(batch.entries.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&(batch.idempotency.len() as u32).to_le_bytes());
+    frame.push(u8::from(batch.checkpoint.is_some()));
+    let mut offsets = Vec::with_capacity(batch.entries.len());
+    for entry in &batch.entries {
+        offsets.push(start + frame.len() as u64);
+        frame.extend_from_slice(&entry.index.to_le_bytes());
+        frame.extend_from_slice(&start.to_le_bytes());
+        frame.extend_from_slice(&(entry.leaf.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&(entry.body.len() as u32).to_le_bytes());
+        frame.push(entry.nodes.len() as u8);
+        for node in &entry.nodes {
+            frame.extend_from_slice(&node.0);
+        }
+        frame.extend_from_slice(&entry.leaf);
+        frame.extend_from_slice(&entry.body);
+    }
+    for (key, record) in &batch.idempotency {
+        frame.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        frame.extend_from_slice(key);
+        frame.extend_from_slice(&record.encode());
+    }
+    if let Some((tree_size, note)) = &batch.checkpoint {
+        frame.extend_from_slice(&tree_size.to_le_bytes());
+        frame.extend_from_slice(&(note.len() as u32).to_le_bytes());
+        frame.extend_from_slice(note);
+    }
+    let digest = Sha256::digest(&frame);
+    frame.extend_from_slice(&digest);
+    debug_assert_eq!(frame.len(), size);
+    (frame, offsets)
+}
+
+/// Reads the frame at `start`, or `None` when what is there is not a whole, intact frame
+/// (the end of the log, or a write that never completed).
+fn read_frame(log: &File, start: u64, log_len: u64) -> Result<Option<Frame>, StorageError> {
+    if start + FRAME_HEADER as u64 > log_len {
+        return Ok(None);
+    }
+    let mut header = [0u8; FRAME_HEADER];
+    log.read_exact_at(&mut header, start).map_err(io)?;
+    let len = u64_at(&header, 4);
+    if &header[..4] != MAGIC
+        || len < (FRAME_HEADER + HASH_SIZE) as u64
+        || start.checked_add(len).is_none_or(|end| end > log_len)
+    {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; len as usize];
+    log.read_exact_at(&mut bytes, start).map_err(io)?;
+    let body = bytes.len() - HASH_SIZE;
+    if Sha256::digest(&bytes[..body]).as_slice() != &bytes[body..] {
+        return Ok(None);
+    }
+    // Intact: from here on, a shape this code does not write is damage, not a torn write.
+    let bad = |what: &str| malformed(format!("log frame at {start}: {what}"));
+    let first_index = u64_at(&bytes, 12);
+    let entries = u32_at(&bytes, 20) as usize;
+    let keys = u32_at(&bytes, 24) as usize;
+    let has_checkpoint = bytes[28] == 1;
+    let mut at = FRAME_HEADER;
+    let need = |at: usize, n: usize| {
+        if at + n > body {
+            Err(bad("runs past its end"))
+        } else {
+            Ok(())
+        }
+    };
+    let mut entry_offsets = Vec::with_capacity(entries);
+    for n in 0..entries {
+        need(at, ENTRY_HEADER)?;
+        if u64_at(&bytes, at) != first_index + n as u64 || u64_at(&bytes, at + 8) != start {
+            return Err(bad("entry record out of place"));
+        }
+        let record = ENTRY_HEADER
+            + u32_at(&bytes, at + 16) as usize
+            + u32_at(&bytes, at + 20) as usize
+            + bytes[at + 24] as usize * HASH_SIZE;
+        need(at, record)?;
+        entry_offsets.push(start + at as u64);
+        at += record;
+    }
+    let mut idempotency = Vec::with_capacity(keys);
+    for _ in 0..keys {
+        need(at, 2)?;
+        let key_len = u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+        need(at + 2, key_len + IdempotencyRecord::ENCODED_LEN)?;
+        let key = bytes[at + 2..at + 2 + key_len].to_vec();
+        let record = IdempotencyRecord::decode(
+            &bytes[at + 2 + key_len..at + 2 + key_len + IdempotencyRecord::ENCODED_LEN],
+        )
+        .ok_or_else(|| bad("idempotency record"))?;
+        idempotency.push((key, record));
+        at += 2 + key_len + IdempotencyRecord::ENCODED_LEN;
+    }
+    let checkpoint = if has_checkpoint {
+        need(at, 12)?;
+        let tree_size = u64_at(&bytes, at);
+        let note_len = u32_at(&bytes, at + 8) as usize;
+        need(at + 12, note_len)?;
+        let note = bytes[at + 12..at + 12 + note_len].to_vec();
+        at += 12 + note_len;
+        Some((tree_size, note))
+    } else {
+        None
+    };
+    if at != body {
+        return Err(bad("has bytes after its parts"));
+    }
+    Ok(Some(Frame {
+        start,
+        len,
+        first_index,
+        entry_offsets,
+        keys: idempotency,
+        checkpoint,
+    }))
+}
+
+fn prefixed(prefix: u8, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + rest.len());
+    key.push(prefix);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn checkpoint_key(size: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = CHECKPOINT;
+    key[1..].copy_from_slice(&size.to_be_bytes());
+    key
+}
+
+impl LogStore {
+    /// Opens (or creates) the store in `dir`: the log and its index are checked and
+    /// completed from the log, a torn last frame is cut off, and sled is brought up to the
+    /// log's end.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
+        let db = open_sled(dir, cache_bytes, Some(1000))?;
+        match db.get(LAYOUT_KEY).map_err(backend)? {
+            Some(version) if version.as_ref() == LAYOUT_VERSION => {}
+            Some(version) => {
+                return Err(malformed(format!(
+                    "store layout version {:?}, expected {:?} (entries in {LOG_FILE})",
+                    String::from_utf8_lossy(&version),
+                    String::from_utf8_lossy(LAYOUT_VERSION)
+                )));
+            }
+            None => {
+                db.insert(LAYOUT_KEY, LAYOUT_VERSION).map_err(backend)?;
+                db.flush().map_err(backend)?;
+            }
+        }
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(name))
+                .map_err(io)
+        };
+        let log = open(LOG_FILE)?;
+        let idx = open(INDEX_FILE)?;
+        let applied = match db.get(APPLIED_KEY).map_err(backend)? {
+            Some(bytes) => u64::from_le_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| malformed("m/applied"))?,
+            ),
+            None => 0,
+        };
+        let store = LogStore {
+            db,
+            dir: dir.to_owned(),
+            log,
+            idx,
+            entries: AtomicU64::new(0),
+            tail: Mutex::new(Tail {
+                log_end: 0,
+                applied,
+                last_checkpoint: None,
+            }),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// The derived-index space (sled tree), as [`super::SledStore::index`].
+    pub fn index(&self) -> Result<SledIndex, StorageError> {
+        SledIndex::open(&self.db, super::sled_store::INDEX_TREE)
+    }
+
+    /// The access log's space (sled tree).
+    pub fn access_log(&self) -> Result<SledIndex, StorageError> {
+        SledIndex::open(&self.db, super::sled_store::ACCESS_TREE)
+    }
+
+    /// Offset of entry `index`'s record, from the index file.
+    fn offset(&self, index: u64) -> Result<u64, StorageError> {
+        let mut bytes = [0u8; 8];
+        self.idx.read_exact_at(&mut bytes, index * 8).map_err(io)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// The last frame the index file vouches for: the frame of the highest indexed entry
+    /// whose record and frame are intact. `None` when there is none.
+    fn last_indexed_frame(&self, log_len: u64) -> Result<Option<Frame>, StorageError> {
+        let indexed = self.idx.metadata().map_err(io)?.len() / 8;
+        // Only the index file's unsynced tail can be wrong; a few steps back always reach a
+        // frame that was durable before its offsets were written.
+        for index in (0..indexed).rev().take(64) {
+            let offset = self.offset(index)?;
+            if offset + ENTRY_HEADER as u64 > log_len {
+                continue;
+            }
+            let mut header = [0u8; ENTRY_HEADER];
+            self.log.read_exact_at(&mut header, offset).map_err(io)?;
+            if u64_at(&header, 0) != index {
+                continue;
+            }
+            if let Some(frame) = read_frame(&self.log, u64_at(&header, 8), log_len)?
+                && frame.entry_offsets.contains(&offset)
+            {
+                return Ok(Some(frame));
+            }
+        }
+        Ok(None)
+    }
+
+    fn recover(&self) -> Result<(), StorageError> {
+        let log_len = self.log.metadata().map_err(io)?.len();
+        let mut tail = self.tail.lock().expect("tail lock");
+        let (mut at, mut entries) = match self.last_indexed_frame(log_len)? {
+            Some(frame) => {
+                tail.last_checkpoint = frame.checkpoint.as_ref().map(|(size, _)| *size);
+                (
+                    frame.start,
+                    frame.first_index,
+                )
+            }
+            None => (0, 0),
+        };
+        // From the last frame the index vouches for (again: its offsets may be partial),
+        // every intact frame is kept and indexed; the first that is not ends the log.
+        while let Some(frame) = read_frame(&self.log, at, log_len)? {
+            if frame.first_index != entries && !frame.entry_offsets.is_empty() {
+                return Err(malformed(format!(
+                    "log frame at {at} starts at entry {} where {entries} was due",
+                    frame.first_index
+                )));
+            }
+            let mut offsets = Vec::with_capacity(frame.entry_offsets.len() * 8);
+            for offset in &frame.entry_offsets {
+                offsets.extend_from_slice(&offset.to_le_bytes());
+            }
+            self.idx.write_all_at(&offsets, entries * 8).map_err(io)?;
+            entries += frame.entry_offsets.len() as u64;
+            if let Some((size, _)) = &frame.checkpoint {
+                tail.last_checkpoint = Some(*size);
+            }
+            at = frame.start + frame.len;
+        }
+        if tail.applied > at {
+            // sled holds what a frame beyond the intact log said: the log was cut or altered
+            // after that frame was durable. Refuse, and change nothing.
+            return Err(malformed(format!(
+                "the log is intact only up to byte {at}, but frames up to byte {} were written and applied: the log was truncated or altered",
+                tail.applied
+            )));
+        }
+        if at < log_len {
+            // A write that never completed (so was never acknowledged). Its bytes stay until
+            // the next frame overwrites them; nothing reads past `log_end`.
+            tracing::warn!(
+                offset = at,
+                bytes = log_len - at,
+                "ignoring an incomplete frame at the end of the log"
+            );
+        }
+        self.idx.set_len(entries * 8).map_err(io)?;
+        self.idx.sync_all().map_err(io)?;
+        tail.log_end = at;
+        self.entries.store(entries, Ordering::Release);
+        self.apply_from(&mut tail)?;
+        Ok(())
+    }
+
+    /// Applies the frames from `tail.applied` to `tail.log_end` to sled.
+    fn apply_from(&self, tail: &mut Tail) -> Result<(), StorageError> {
+        while tail.applied < tail.log_end {
+            let frame = read_frame(&self.log, tail.applied, tail.log_end)?.ok_or_else(|| {
+                malformed(format!("log frame at {} is not intact", tail.applied))
+            })?;
+            self.apply(&frame.keys, frame.checkpoint.as_ref(), frame.start + frame.len)?;
+            tail.applied = frame.start + frame.len;
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        keys: &[(Vec<u8>, IdempotencyRecord)],
+        checkpoint: Option<&(u64, Vec<u8>)>,
+        applied: u64,
+    ) -> Result<(), StorageError> {
+        let mut writes = sled::Batch::default();
+        for (key, record) in keys {
+            writes.insert(prefixed(IDEMPOTENCY, key), record.encode().as_slice());
+        }
+        if let Some((size, note)) = checkpoint {
+            writes.insert(&checkpoint_key(*size), note.as_slice());
+        }
+        writes.insert(APPLIED_KEY, &applied.to_le_bytes());
+        self.db.apply_batch(writes).map_err(backend)
+    }
+
+    /// Reads entry `index`'s record: (nodes, leaf, body).
+    fn record(&self, index: u64) -> Result<Option<(Vec<Hash>, Vec<u8>, Vec<u8>)>, StorageError> {
+        if index >= self.entries.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let offset = self.offset(index)?;
+        let mut header = [0u8; ENTRY_HEADER];
+        self.log.read_exact_at(&mut header, offset).map_err(io)?;
+        if u64_at(&header, 0) != index {
+            return Err(malformed(format!("entry {index}: its record names another index")));
+        }
+        let leaf_len = u32_at(&header, 16) as usize;
+        let body_len = u32_at(&header, 20) as usize;
+        let nodes = header[24] as usize;
+        let mut bytes = vec![0u8; nodes * HASH_SIZE + leaf_len + body_len];
+        self.log
+            .read_exact_at(&mut bytes, offset + ENTRY_HEADER as u64)
+            .map_err(io)?;
+        let body = bytes.split_off(nodes * HASH_SIZE + leaf_len);
+        let leaf = bytes.split_off(nodes * HASH_SIZE);
+        Ok(Some((decode_nodes(&bytes), leaf, body)))
+    }
+
+    /// Entry `index`'s tree nodes alone (proofs read nothing else).
+    fn nodes_of(&self, index: u64) -> Result<Option<Vec<Hash>>, StorageError> {
+        if index >= self.entries.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let offset = self.offset(index)?;
+        // The header and up to 8 nodes in one read; more in a second.
+        let mut first = [0u8; ENTRY_HEADER + 8 * HASH_SIZE];
+        let read = self.log.read_at(&mut first, offset).map_err(io)?;
+        if read < ENTRY_HEADER || u64_at(&first, 0) != index {
+            return Err(malformed(format!("entry {index}: its record is not where the index says")));
+        }
+        let count = first[24] as usize;
+        let bytes = if count <= 8 && read >= ENTRY_HEADER + count * HASH_SIZE {
+            first[ENTRY_HEADER..ENTRY_HEADER + count * HASH_SIZE].to_vec()
+        } else {
+            let mut bytes = vec![0u8; count * HASH_SIZE];
+            self.log
+                .read_exact_at(&mut bytes, offset + ENTRY_HEADER as u64)
+                .map_err(io)?;
+            bytes
+        };
+        Ok(Some(decode_nodes(&bytes)))
+    }
+
+    /// Bytes the store occupies on disk: the log, its index and sled.
+    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
+        Ok(self.db.size_on_disk().map_err(backend)?
+            + self.log.metadata().map_err(io)?.len()
+            + self.idx.metadata().map_err(io)?.len())
+    }
+
+    /// The sled database, for tests.
+    pub fn raw(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+impl Drop for LogStore {
+    /// A clean stop leaves sled caught up, so the next open has no frames to apply.
+    fn drop(&mut self) {
+        if let Err(error) = self.db.flush() {
+            tracing::warn!(%error, "sled flush at close failed; the next open re-applies the log");
+        }
+    }
+}
+
+fn decode_nodes(bytes: &[u8]) -> Vec<Hash> {
+    bytes
+        .chunks_exact(HASH_SIZE)
+        .map(|chunk| Hash(chunk.try_into().expect("chunks of HASH_SIZE")))
+        .collect()
+}
+
+impl Store for LogStore {
+    fn commit(&self, batch: &CommitBatch) -> Result<(), StorageError> {
+        let mut tail = self.tail.lock().expect("tail lock");
+        // A batch retried after a failure may already be in the log (its write was durable
+        // but applying it to sled failed): never write it twice.
+        let entries = self.entries.load(Ordering::Acquire);
+        let written = match (batch.entries.first(), &batch.checkpoint) {
+            (Some(first), _) => first.index < entries,
+            (None, Some((size, _))) => tail.last_checkpoint.is_some_and(|last| last >= *size),
+            (None, None) => true,
+        };
+        if !written {
+            if let Some(first) = batch.entries.first()
+                && first.index != entries
+            {
+                return Err(malformed(format!(
+                    "batch starts at entry {} but the log holds {entries}",
+                    first.index
+                )));
+            }
+            let (frame, offsets) = encode_frame(batch, tail.log_end);
+            let durable = self
+                .log
+                .write_all_at(&frame, tail.log_end)
+                .and_then(|()| self.log.sync_data());
+            if let Err(error) = durable {
+                // Whatever part reached the file is overwritten by the retry; its checksum
+                // cannot match, so no open takes it for a frame.
+                return Err(io(error));
+            }
+            let mut bytes = Vec::with_capacity(offsets.len() * 8);
+            for offset in &offsets {
+                bytes.extend_from_slice(&offset.to_le_bytes());
+            }
+            tail.log_end += frame.len() as u64;
+            if let Some((size, _)) = &batch.checkpoint {
+                tail.last_checkpoint = Some(*size);
+            }
+            // The index is derived: written, not synced (the next open completes it).
+            self.idx.write_all_at(&bytes, entries * 8).map_err(io)?;
+            self.entries
+                .store(entries + offsets.len() as u64, Ordering::Release);
+        }
+        // Frames not yet in sled (this one, or one whose application failed before).
+        if tail.applied < tail.log_end {
+            let end = tail.log_end;
+            // Usually only this batch's frame is unapplied: apply it from memory.
+            if tail.applied + encode_len(batch) as u64 == end {
+                self.apply(&batch.idempotency, batch.checkpoint.as_ref(), end)?;
+                tail.applied = end;
+            } else {
+                self.apply_from(&mut tail)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn leaf(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.record(index)?.map(|(_, leaf, _)| leaf))
+    }
+
+    fn body(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.record(index)?.map(|(_, _, body)| body))
+    }
+
+    fn leaf_nodes(&self, index: u64) -> Result<Option<Vec<Hash>>, StorageError> {
+        self.nodes_of(index)
+    }
+
+    fn entries(&self, from: u64, to: u64) -> RawEntries<'_> {
+        let to = to.min(self.entries.load(Ordering::Acquire)).max(from);
+        let mut window = Window::default();
+        Box::new((from..to).map(move |index| {
+            let offset = self.offset(index)?;
+            let header = window.bytes(&self.log, offset, ENTRY_HEADER)?;
+            if u64_at(header, 0) != index {
+                return Err(malformed(format!("entry {index}: its record names another index")));
+            }
+            let leaf_len = u32_at(header, 16) as usize;
+            let body_len = u32_at(header, 20) as usize;
+            let nodes = header[24] as usize * HASH_SIZE;
+            let record = window.bytes(&self.log, offset, ENTRY_HEADER + nodes + leaf_len + body_len)?;
+            let parts = &record[ENTRY_HEADER..];
+            Ok(RawEntry {
+                index,
+                nodes: Some(decode_nodes(&parts[..nodes])),
+                leaf: Some(parts[nodes..nodes + leaf_len].to_vec()),
+                body: Some(parts[nodes + leaf_len..].to_vec()),
+            })
+        }))
+    }
+
+    fn last_leaf_index(&self) -> Result<Option<u64>, StorageError> {
+        Ok(self.entries.load(Ordering::Acquire).checked_sub(1))
+    }
+
+    fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError> {
+        match self.db.get(prefixed(IDEMPOTENCY, key)).map_err(backend)? {
+            Some(bytes) => IdempotencyRecord::decode(&bytes)
+                .map(Some)
+                .ok_or_else(|| malformed("idempotency record")),
+            None => Ok(None),
+        }
+    }
+
+    fn idempotency_records(&self) -> IdempotencyRecords<'_> {
+        Box::new(self.db.scan_prefix([IDEMPOTENCY]).map(|item| {
+            let (key, value) = item.map_err(backend)?;
+            let record =
+                IdempotencyRecord::decode(&value).ok_or_else(|| malformed("idempotency record"))?;
+            Ok((key[1..].to_vec(), record))
+        }))
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        match self.db.scan_prefix([CHECKPOINT]).next_back() {
+            Some(item) => {
+                let (key, value) = item.map_err(backend)?;
+                Ok(Some((checkpoint_size(&key)?, value.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn checkpoints(&self) -> Checkpoints<'_> {
+        Box::new(self.db.scan_prefix([CHECKPOINT]).map(|item| {
+            let (key, value) = item.map_err(backend)?;
+            Ok((checkpoint_size(&key)?, value.to_vec()))
+        }))
+    }
+
+    fn available_bytes(&self) -> Option<u64> {
+        fs2::available_space(&self.dir).ok()
+    }
+}
+
+/// The length of the frame `batch` encodes to.
+fn encode_len(batch: &CommitBatch) -> usize {
+    FRAME_HEADER
+        + batch
+            .entries
+            .iter()
+            .map(|e| ENTRY_HEADER + e.nodes.len() * HASH_SIZE + e.leaf.len() + e.body.len())
+            .sum::<usize>()
+        + batch
+            .idempotency
+            .iter()
+            .map(|(key, _)| 2 + key.len() + IdempotencyRecord::ENCODED_LEN)
+            .sum::<usize>()
+        + batch
+            .checkpoint
+            .as_ref()
+            .map_or(0, |(_, note)| 12 + note.len())
+        + HASH_SIZE
+}
+
+fn checkpoint_size(key: &[u8]) -> Result<u64, StorageError> {
+    key.get(1..9)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| malformed(format!("checkpoint key {key:02x?}")))
+}
+
+/// A read-ahead window over the log for sequential scans (`verify`).
+#[derive(Default)]
+struct Window {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Window {
+    const SIZE: usize = 4 << 20;
+
+    /// `len` bytes at `offset`, read ahead in large chunks.
+    fn bytes(&mut self, log: &File, offset: u64, len: usize) -> Result<&[u8], StorageError> {
+        let inside = offset >= self.start
+            && offset + len as u64 <= self.start + self.bytes.len() as u64;
+        if !inside {
+            let want = len.max(Self::SIZE);
+            self.bytes.resize(want, 0);
+            let mut filled = 0;
+            while filled < want {
+                let read = log
+                    .read_at(&mut self.bytes[filled..], offset + filled as u64)
+                    .map_err(io)?;
+                if read == 0 {
+                    break;
+                }
+                filled += read;
+            }
+            if filled < len {
+                return Err(malformed(format!("log ends inside the record at {offset}")));
+            }
+            self.bytes.truncate(filled);
+            self.start = offset;
+        }
+        let at = (offset - self.start) as usize;
+        Ok(&self.bytes[at..at + len])
+    }
+}
