@@ -111,6 +111,7 @@ impl Server {
         let index: Arc<dyn IndexStore> = Arc::new(opened.index);
         let access = AccessLog::open(Arc::new(opened.access))?;
         let token_secret = signer.secret_bytes();
+        let (indexer, progress) = ComplianceIndexer::with_progress(index.clone());
         let ledger = Ledger::open(
             opened.store,
             signer,
@@ -120,11 +121,12 @@ impl Server {
                 read_only_on_integrity_failure: true,
                 ..LedgerOptions::default()
             },
-            Some(Box::new(ComplianceIndexer::new(index.clone()))),
+            Some(Box::new(indexer)),
         )?;
         let compliance = Compliance::new(
             ledger.clone(),
             index,
+            progress,
             &token_secret,
             config.query_limits.clone(),
         );

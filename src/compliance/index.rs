@@ -1,5 +1,6 @@
 //! The compliance indexes: derived from the ledger alone, kept in step by the writer
-//! ([`ComplianceIndexer`]), rebuilt by `audit-ledger reindex`.
+//! ([`ComplianceIndexer`]: facts before publication, communications on a thread of their
+//! own), rebuilt by `audit-ledger reindex`.
 //!
 //! Key layout (one ordered key space, ids never contain NUL):
 //! - `m/indexed` → u64 BE: entries below this index are indexed.
@@ -97,14 +98,117 @@ fn timestamp(at: &Option<prost_types::Timestamp>) -> Timestamp {
         .unwrap_or_default()
 }
 
-/// Keeps the compliance indexes in step with the ledger.
+/// How far the communication lists are indexed: every entry below the value. Fact lists
+/// are always complete up to the published tree size; communication lists follow on a
+/// thread of their own and readers wait for them ([`IndexProgress::communications_indexed`]).
+#[derive(Clone)]
+pub struct IndexProgress {
+    communications: tokio::sync::watch::Receiver<u64>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl IndexProgress {
+    /// Waits until communications below `size` are indexed; an error when indexing failed
+    /// or did not get there within `patience`.
+    pub async fn communications_indexed(
+        &self,
+        size: u64,
+        patience: std::time::Duration,
+    ) -> Result<(), String> {
+        let mut progress = self.communications.clone();
+        let reached = tokio::time::timeout(patience, progress.wait_for(|&indexed| indexed >= size));
+        match reached.await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(self
+                .failure
+                .lock()
+                .expect("failure lock")
+                .clone()
+                .unwrap_or_else(|| {
+                    format!("the communication indexes are still catching up to entry {size}; retry shortly")
+                })),
+        }
+    }
+
+    /// Communications below this size are indexed.
+    pub fn communications(&self) -> u64 {
+        *self.communications.borrow()
+    }
+}
+
+/// One batch of communication keys for the indexing thread, ending with the new
+/// `m/indexed` marker.
+struct Job {
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    size: u64,
+}
+
+/// Keeps the compliance indexes in step with the ledger. Fact keys are written before the
+/// writer publishes (verdicts need them at once); communication keys, four per
+/// communication and the bulk of the work, go to a thread of their own so that appends do
+/// not wait for them. After a crash, `m/indexed` (written with the communication keys) is
+/// where the catch-up at open starts again.
 pub struct ComplianceIndexer {
     index: Arc<dyn IndexStore>,
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
+
+impl Drop for ComplianceIndexer {
+    /// Finishes the queued communication keys before the store may close.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Batches of communication keys queued for the indexing thread before appends wait.
+const QUEUED_JOBS: usize = 64;
 
 impl ComplianceIndexer {
     pub fn new(index: Arc<dyn IndexStore>) -> Self {
-        ComplianceIndexer { index }
+        Self::with_progress(index).0
+    }
+
+    /// The indexer, and the progress its readers wait on.
+    pub fn with_progress(index: Arc<dyn IndexStore>) -> (Self, IndexProgress) {
+        let start = read_indexed_size(index.as_ref()).unwrap_or(0);
+        let (progress, communications) = tokio::sync::watch::channel(start);
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(QUEUED_JOBS);
+        let thread = {
+            let index = index.clone();
+            let failure = failure.clone();
+            std::thread::Builder::new()
+                .name("communication-indexer".into())
+                .spawn(move || {
+                    for job in queue {
+                        if let Err(error) = index.apply(job.writes) {
+                            tracing::error!(%error, "indexing communications failed");
+                            *failure.lock().expect("failure lock") =
+                                Some(format!("indexing communications failed ({error}); restart the server"));
+                            return;
+                        }
+                        progress.send_replace(job.size);
+                    }
+                })
+                .expect("the indexing thread starts")
+        };
+        (
+            ComplianceIndexer {
+                index,
+                jobs: Some(jobs),
+                thread: Some(thread),
+                failure: failure.clone(),
+            },
+            IndexProgress {
+                communications,
+                failure,
+            },
+        )
     }
 
     /// The customer a subscription belongs to, from its latest indexed subscription fact.
@@ -124,16 +228,21 @@ impl ComplianceIndexer {
     }
 }
 
+fn read_indexed_size(index: &dyn IndexStore) -> Result<u64, StorageError> {
+    match index.get(INDEXED_SIZE)? {
+        Some(bytes) => Ok(u64::from_be_bytes(
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StorageError::Malformed("indexed size".into()))?,
+        )),
+        None => Ok(0),
+    }
+}
+
 impl Indexer for ComplianceIndexer {
     fn indexed_size(&self) -> Result<u64, StorageError> {
-        match self.index.get(INDEXED_SIZE)? {
-            Some(bytes) => {
-                Ok(u64::from_be_bytes(bytes.as_slice().try_into().map_err(
-                    |_| StorageError::Malformed("indexed size".into()),
-                )?))
-            }
-            None => Ok(0),
-        }
+        read_indexed_size(self.index.as_ref())
     }
 
     fn index(&mut self, entries: &[(u64, &[u8])]) -> Result<(), StorageError> {
@@ -195,10 +304,25 @@ impl Indexer for ComplianceIndexer {
                 None => {}
             }
         }
-        writes.push((
+        if let Some(reason) = self.failure.lock().expect("failure lock").clone() {
+            return Err(StorageError::Backend(reason));
+        }
+        let (facts, mut communications): (Vec<_>, Vec<_>) =
+            writes.into_iter().partition(|(key, _)| key.first() == Some(&b'F'));
+        if !facts.is_empty() {
+            self.index.apply(facts)?;
+        }
+        communications.push((
             INDEXED_SIZE.to_vec(),
             Some((last.0 + 1).to_be_bytes().to_vec()),
         ));
-        self.index.apply(writes)
+        self.jobs
+            .as_ref()
+            .expect("jobs until drop")
+            .send(Job {
+                writes: communications,
+                size: last.0 + 1,
+            })
+            .map_err(|_| StorageError::Backend("the communication indexing thread stopped".into()))
     }
 }

@@ -91,23 +91,38 @@ const SCAN_CHUNK: usize = 256;
 pub struct Compliance {
     ledger: Ledger,
     index: Arc<dyn IndexStore>,
+    progress: index::IndexProgress,
     tokens: PageTokens,
     limits: QueryLimits,
 }
+
+/// How long a communication listing waits for the indexes to reach the published size.
+const INDEX_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Compliance {
     pub fn new(
         ledger: Ledger,
         index: Arc<dyn IndexStore>,
+        progress: index::IndexProgress,
         token_secret: &[u8],
         limits: QueryLimits,
     ) -> Self {
         Compliance {
             ledger,
             index,
+            progress,
             tokens: PageTokens::new(token_secret),
             limits,
         }
+    }
+
+    /// Waits until the communication lists cover every published entry, so that a listing
+    /// started now sees all of them (fact lists always do).
+    pub async fn communications_ready(&self) -> Result<(), LedgerError> {
+        self.progress
+            .communications_indexed(self.ledger.tree_size(), INDEX_PATIENCE)
+            .await
+            .map_err(LedgerError::Unavailable)
     }
 
     /// The ledger size an `as_of_tree_size` stands for: 0 is the current size.

@@ -233,6 +233,10 @@ impl ComplianceService for ComplianceApi {
             self.compliance
                 .list_violations(&filter, request.page_size, &request.page_token)
         };
+        self.compliance
+            .communications_ready()
+            .await
+            .map_err(to_status)?;
         let page = run().map_err(to_status)?;
         let tree_size = page.tree_size;
         self.access.record(
@@ -284,6 +288,10 @@ impl ComplianceService for ComplianceApi {
             self.compliance
                 .list_communications(&filter, request.page_size, &request.page_token)
         };
+        self.compliance
+            .communications_ready()
+            .await
+            .map_err(to_status)?;
         let page = run().map_err(to_status)?;
         self.access.record(
             principal.as_ref(),

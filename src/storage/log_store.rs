@@ -80,6 +80,9 @@ pub struct LogStore {
     idx: File,
     /// Entries in the log (readers only ask for fewer).
     entries: AtomicU64,
+    /// End of the last durable frame, for readers (who never take `tail`'s lock: the
+    /// writer holds it through a commit's `fdatasync`).
+    log_end: AtomicU64,
     tail: Mutex<Tail>,
 }
 
@@ -159,7 +162,10 @@ fn encode_frame(batch: &CommitBatch, start: u64) -> (Vec<u8>, Vec<u64>) {
 /// Reads the frame at `start`, or `None` when what is there is not a whole, intact frame
 /// (the end of the log, or a write that never completed).
 fn read_frame(log: &File, start: u64, log_len: u64) -> Result<Option<Frame>, StorageError> {
-    if start + FRAME_HEADER as u64 > log_len {
+    if start
+        .checked_add(FRAME_HEADER as u64)
+        .is_none_or(|end| end > log_len)
+    {
         return Ok(None);
     }
     let mut header = [0u8; FRAME_HEADER];
@@ -302,6 +308,7 @@ impl LogStore {
             log,
             idx,
             entries: AtomicU64::new(0),
+            log_end: AtomicU64::new(0),
             tail: Mutex::new(Tail {
                 log_end: 0,
                 applied,
@@ -337,7 +344,10 @@ impl LogStore {
         // frame that was durable before its offsets were written.
         for index in (0..indexed).rev().take(64) {
             let offset = self.offset(index)?;
-            if offset + ENTRY_HEADER as u64 > log_len {
+            if offset
+                .checked_add(ENTRY_HEADER as u64)
+                .is_none_or(|end| end > log_len)
+            {
                 continue;
             }
             let mut header = [0u8; ENTRY_HEADER];
@@ -407,6 +417,7 @@ impl LogStore {
         self.idx.set_len(entries * 8).map_err(io)?;
         self.idx.sync_all().map_err(io)?;
         tail.log_end = at;
+        self.log_end.store(at, Ordering::Release);
         self.entries.store(entries, Ordering::Release);
         self.apply_from(&mut tail)?;
         Ok(())
@@ -441,6 +452,22 @@ impl LogStore {
         self.db.apply_batch(writes).map_err(backend)
     }
 
+    /// The parts' lengths (nodes bytes, leaf, body) of the record whose header is
+    /// `header`, at `offset`; a record running past the log's end is damage, named.
+    fn parts(&self, index: u64, offset: u64, header: &[u8]) -> Result<(usize, usize, usize), StorageError> {
+        if u64_at(header, 0) != index {
+            return Err(malformed(format!("entry {index}: its record names another index")));
+        }
+        let leaf = u32_at(header, 16) as usize;
+        let body = u32_at(header, 20) as usize;
+        let nodes = header[24] as usize * HASH_SIZE;
+        let log_end = self.log_end.load(Ordering::Acquire);
+        if offset + (ENTRY_HEADER + nodes + leaf + body) as u64 > log_end {
+            return Err(malformed(format!("entry {index}: its record runs past the log's end")));
+        }
+        Ok((nodes, leaf, body))
+    }
+
     /// Reads entry `index`'s record: (nodes, leaf, body).
     fn record(&self, index: u64) -> Result<Option<(Vec<Hash>, Vec<u8>, Vec<u8>)>, StorageError> {
         if index >= self.entries.load(Ordering::Acquire) {
@@ -449,18 +476,13 @@ impl LogStore {
         let offset = self.offset(index)?;
         let mut header = [0u8; ENTRY_HEADER];
         self.log.read_exact_at(&mut header, offset).map_err(io)?;
-        if u64_at(&header, 0) != index {
-            return Err(malformed(format!("entry {index}: its record names another index")));
-        }
-        let leaf_len = u32_at(&header, 16) as usize;
-        let body_len = u32_at(&header, 20) as usize;
-        let nodes = header[24] as usize;
-        let mut bytes = vec![0u8; nodes * HASH_SIZE + leaf_len + body_len];
+        let (nodes, leaf_len, body_len) = self.parts(index, offset, &header)?;
+        let mut bytes = vec![0u8; nodes + leaf_len + body_len];
         self.log
             .read_exact_at(&mut bytes, offset + ENTRY_HEADER as u64)
             .map_err(io)?;
-        let body = bytes.split_off(nodes * HASH_SIZE + leaf_len);
-        let leaf = bytes.split_off(nodes * HASH_SIZE);
+        let body = bytes.split_off(nodes + leaf_len);
+        let leaf = bytes.split_off(nodes);
         Ok(Some((decode_nodes(&bytes), leaf, body)))
     }
 
@@ -473,9 +495,10 @@ impl LogStore {
         // The header and up to 8 nodes in one read; more in a second.
         let mut first = [0u8; ENTRY_HEADER + 8 * HASH_SIZE];
         let read = self.log.read_at(&mut first, offset).map_err(io)?;
-        if read < ENTRY_HEADER || u64_at(&first, 0) != index {
+        if read < ENTRY_HEADER {
             return Err(malformed(format!("entry {index}: its record is not where the index says")));
         }
+        self.parts(index, offset, &first[..ENTRY_HEADER])?;
         let count = first[24] as usize;
         let bytes = if count <= 8 && read >= ENTRY_HEADER + count * HASH_SIZE {
             first[ENTRY_HEADER..ENTRY_HEADER + count * HASH_SIZE].to_vec()
@@ -553,6 +576,7 @@ impl Store for LogStore {
                 bytes.extend_from_slice(&offset.to_le_bytes());
             }
             tail.log_end += frame.len() as u64;
+            self.log_end.store(tail.log_end, Ordering::Release);
             if let Some((size, _)) = &batch.checkpoint {
                 tail.last_checkpoint = Some(*size);
             }
@@ -592,13 +616,8 @@ impl Store for LogStore {
         let mut window = Window::default();
         Box::new((from..to).map(move |index| {
             let offset = self.offset(index)?;
-            let header = window.bytes(&self.log, offset, ENTRY_HEADER)?;
-            if u64_at(header, 0) != index {
-                return Err(malformed(format!("entry {index}: its record names another index")));
-            }
-            let leaf_len = u32_at(header, 16) as usize;
-            let body_len = u32_at(header, 20) as usize;
-            let nodes = header[24] as usize * HASH_SIZE;
+            let header = window.bytes(&self.log, offset, ENTRY_HEADER)?.to_vec();
+            let (nodes, leaf_len, body_len) = self.parts(index, offset, &header)?;
             let record = window.bytes(&self.log, offset, ENTRY_HEADER + nodes + leaf_len + body_len)?;
             let parts = &record[ENTRY_HEADER..];
             Ok(RawEntry {
@@ -716,5 +735,181 @@ impl Window {
         }
         let at = (offset - self.start) as usize;
         Ok(&self.bytes[at..at + len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::NewEntry;
+
+    fn batch(first: u64, count: u64, checkpoint: bool) -> CommitBatch {
+        let entries: Vec<NewEntry> = (first..first + count)
+            .map(|index| NewEntry {
+                index,
+                leaf: format!("leaf {index}").into_bytes(),
+                nodes: (0..=(index % 3) as u8).map(|n| Hash([n; 32])).collect(),
+                body: vec![index as u8; (index % 5) as usize * 100],
+            })
+            .collect();
+        CommitBatch {
+            idempotency: entries
+                .iter()
+                .map(|entry| {
+                    (
+                        format!("key {}", entry.index).into_bytes(),
+                        IdempotencyRecord {
+                            index: entry.index,
+                            content_digest: [entry.index as u8; 32],
+                        },
+                    )
+                })
+                .collect(),
+            checkpoint: checkpoint.then(|| (first + count, format!("note {}", first + count).into_bytes())),
+            entries,
+        }
+    }
+
+    fn open(dir: &Path) -> LogStore {
+        LogStore::open(dir, 1 << 20).unwrap()
+    }
+
+    fn assert_holds(store: &LogStore, size: u64) {
+        assert_eq!(store.last_leaf_index().unwrap(), size.checked_sub(1));
+        let expected = batch(0, size, false);
+        for entry in &expected.entries {
+            assert_eq!(store.leaf(entry.index).unwrap().unwrap(), entry.leaf);
+            assert_eq!(store.body(entry.index).unwrap().unwrap(), entry.body);
+            assert_eq!(store.leaf_nodes(entry.index).unwrap().unwrap(), entry.nodes);
+        }
+        let scanned: Vec<RawEntry> = store.entries(0, size).collect::<Result<_, _>>().unwrap();
+        assert_eq!(scanned.len() as u64, size);
+        for (raw, entry) in scanned.iter().zip(&expected.entries) {
+            assert_eq!(raw.leaf.as_ref(), Some(&entry.leaf));
+            assert_eq!(raw.body.as_ref(), Some(&entry.body));
+            assert_eq!(raw.nodes.as_ref(), Some(&entry.nodes));
+        }
+        for (key, record) in &expected.idempotency {
+            assert_eq!(store.idempotency_record(key).unwrap(), Some(*record));
+        }
+        assert_eq!(store.idempotency_records().count() as u64, size);
+        assert_eq!(store.leaf(size).unwrap(), None);
+    }
+
+    /// Three groups: the empty tree's checkpoint alone, then 4 and 3 entries.
+    fn filled(dir: &Path) -> LogStore {
+        let store = open(dir);
+        store
+            .commit(&CommitBatch {
+                checkpoint: Some((0, b"note 0".to_vec())),
+                ..CommitBatch::default()
+            })
+            .unwrap();
+        store.commit(&batch(0, 4, true)).unwrap();
+        store.commit(&batch(4, 3, true)).unwrap();
+        store
+    }
+
+    #[test]
+    fn what_is_committed_reads_back_before_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        assert_holds(&store, 7);
+        drop(store);
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        let sizes: Vec<u64> = store.checkpoints().map(|c| c.unwrap().0).collect();
+        assert_eq!(sizes, [0, 4, 7]);
+        assert_eq!(store.latest_checkpoint().unwrap(), Some((7, b"note 7".to_vec())));
+        // A large group (bigger than the read-ahead window) scans as well.
+        let big = CommitBatch {
+            entries: vec![NewEntry {
+                index: 7,
+                leaf: vec![1; 10],
+                nodes: vec![Hash([9; 32])],
+                body: vec![2; 5 << 20],
+            }],
+            ..CommitBatch::default()
+        };
+        store.commit(&big).unwrap();
+        let last = store.entries(6, 8).last().unwrap().unwrap();
+        assert_eq!(last.body.unwrap().len(), 5 << 20);
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_ignored_and_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path()));
+        let log = dir.path().join(LOG_FILE);
+        let intact = std::fs::metadata(&log).unwrap().len();
+        let (frame, _) = encode_frame(&batch(7, 2, true), intact);
+        let mut file = OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut file, &frame[..frame.len() - 40]).unwrap();
+        drop(file);
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        store.commit(&batch(7, 1, true)).unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_holds(&store, 8);
+        assert_eq!(store.latest_checkpoint().unwrap().unwrap().0, 8);
+    }
+
+    #[test]
+    fn the_index_file_is_rebuilt_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path()));
+        let idx = dir.path().join(INDEX_FILE);
+        std::fs::write(&idx, b"").unwrap();
+        assert_holds(&open(dir.path()), 7);
+        // Offsets past the log (written, then the log's frame lost) are dropped.
+        let mut bytes = std::fs::read(&idx).unwrap();
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        bytes.extend_from_slice(&12345u64.to_le_bytes());
+        std::fs::write(&idx, bytes).unwrap();
+        assert_holds(&open(dir.path()), 7);
+    }
+
+    #[test]
+    fn sled_behind_the_log_is_caught_up_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        // As after a crash before sled wrote anything: no keys, no checkpoints, no marker.
+        for item in store.raw().iter() {
+            let (key, _) = item.unwrap();
+            if key.as_ref() != LAYOUT_KEY {
+                store.raw().remove(key).unwrap();
+            }
+        }
+        store.raw().flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        assert_eq!(store.checkpoints().count(), 3);
+    }
+
+    #[test]
+    fn a_retried_batch_is_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        let length = std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
+        store.commit(&batch(4, 3, true)).unwrap();
+        assert_eq!(std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len(), length);
+        assert_holds(&store, 7);
+        // A batch that skips indices is refused.
+        assert!(store.commit(&batch(9, 1, true)).is_err());
+    }
+
+    #[test]
+    fn an_altered_frame_that_sled_applied_stops_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path()));
+        let log = dir.path().join(LOG_FILE);
+        let mut bytes = std::fs::read(&log).unwrap();
+        let at = bytes.len() - 50;
+        bytes[at] ^= 1;
+        std::fs::write(&log, bytes).unwrap();
+        let error = LogStore::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        assert!(error.contains("truncated or altered"), "{error}");
     }
 }

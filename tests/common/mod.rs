@@ -31,7 +31,12 @@ impl TestServer {
         Self::start_with(ServerConfig::new(data_dir, "127.0.0.1:0".parse().unwrap())).await
     }
 
-    pub async fn start_with(config: ServerConfig) -> TestServer {
+    /// Starts a server; `AUDIT_LEDGER_STORAGE` (as for the binary) picks the backend of a
+    /// new store, so the whole suite can run against either.
+    pub async fn start_with(mut config: ServerConfig) -> TestServer {
+        if let Ok(kind) = std::env::var("AUDIT_LEDGER_STORAGE") {
+            config.storage = kind.parse().expect("AUDIT_LEDGER_STORAGE is sled or log");
+        }
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let data_dir = config.data_dir.clone();
@@ -70,7 +75,11 @@ impl TestServer {
         // next test step can open it.
         let store = self.data_dir.join(audit_ledger::server::STORE_DIR_NAME);
         for _ in 0..200 {
-            match audit_ledger::storage::SledStore::open(&store, 1 << 20) {
+            match audit_ledger::storage::open_store(
+                &store,
+                audit_ledger::storage::StorageKind::default(),
+                1 << 20,
+            ) {
                 Ok(_) => return,
                 Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
