@@ -317,9 +317,10 @@ struct ServeArgs {
     /// Most entries one ListEntries call streams.
     #[arg(long, env = "AUDIT_LEDGER_MAX_LIST_ENTRIES", default_value_t = 10_000)]
     max_list_entries: u64,
-    /// Backend of a new ledger: sled (everything in sled) or log (entries in an append-only
-    /// file with one fdatasync per group, keys in sled). An existing ledger keeps its own.
-    #[arg(long, env = "AUDIT_LEDGER_STORAGE", default_value = "sled")]
+    /// Backend of a new ledger: log (entries in an append-only file with one fdatasync per
+    /// group, keys and indexes in sled) or sled (everything in sled). An existing ledger
+    /// keeps its own.
+    #[arg(long, env = "AUDIT_LEDGER_STORAGE", default_value = "log")]
     storage: audit_ledger::storage::StorageKind,
     /// sled page cache size, in bytes.
     #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]

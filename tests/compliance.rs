@@ -838,8 +838,8 @@ async fn reindex_gives_identical_answers() {
     // Damage the derived indexes behind the server's back: c-alpha's facts vanish.
     {
         use audit_ledger::storage::IndexStore;
-        let store = common::open_store(&dir.path().join(audit_ledger::server::STORE_DIR_NAME));
-        let index = store.index().unwrap();
+        let store = common::open_any_store(&dir.path().join(audit_ledger::server::STORE_DIR_NAME));
+        let index = store.index;
         let prefix = audit_ledger::compliance::index::list_prefix(b'F', b'c', "c-alpha");
         let end = audit_ledger::compliance::index::prefix_end(&prefix);
         let keys = index.range(&prefix, &end, usize::MAX).unwrap();
@@ -847,7 +847,7 @@ async fn reindex_gives_identical_answers() {
         index
             .apply(keys.into_iter().map(|(key, _)| (key, None)).collect())
             .unwrap();
-        store.raw().flush().unwrap();
+        index.flush().unwrap();
     }
     let server = TestServer::start(dir.path()).await;
     let mut s = Scenario::new(&server.address).await;

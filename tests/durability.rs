@@ -288,8 +288,9 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     assert!(ok, "{output}");
 }
 
+/// A stopped all-in-sled ledger of `count` communications (these tests alter sled keys).
 async fn ledger_with_entries(dir: &Path, count: u64) {
-    let server = TestServer::start(dir).await;
+    let server = TestServer::start_sled(dir).await;
     let mut client = server.client().await;
     for chunk in (0..count).collect::<Vec<_>>().chunks(4) {
         client
@@ -500,4 +501,71 @@ async fn a_store_that_does_not_match_its_checkpoint_serves_reads_and_refuses_wri
         .expect("start-up must fail")
         .to_string();
     assert!(message.contains("checkpoint"), "{message}");
+}
+
+/// A stopped ledger in the log store, written in groups of four.
+async fn log_ledger(dir: &Path, count: u64) {
+    let mut config = ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap());
+    config.storage = audit_ledger::storage::StorageKind::Log;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    for chunk in (0..count).collect::<Vec<_>>().chunks(4) {
+        client
+            .append_batch(AppendBatchRequest {
+                communications: chunk.iter().map(|&n| communication("s", n)).collect(),
+            })
+            .await
+            .unwrap();
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_store_names_an_altered_entry_and_refuses_a_cut_log() {
+    let dir = tempfile::tempdir().unwrap();
+    log_ledger(dir.path(), 20).await;
+    let store_dir = dir.path().join(STORE_DIR_NAME);
+    let log = store_dir.join(audit_ledger::storage::log_store::LOG_FILE);
+    let ranges = {
+        let store =
+            common::open_retrying(|| audit_ledger::storage::LogStore::open(&store_dir, 1 << 20))
+                .unwrap();
+        (
+            store.entry_ranges(5).unwrap().unwrap(),
+            store.entry_ranges(9).unwrap().unwrap(),
+        )
+    };
+    let original = std::fs::read(&log).unwrap();
+    let (ok, _) = run_verify(dir.path());
+    assert!(ok);
+
+    // One byte of entry 5's leaf, in a frame in the middle of the log.
+    let mut bytes = original.clone();
+    bytes[ranges.0.leaf.end as usize - 2] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+    let (ok, stdout) = run_verify(dir.path());
+    assert!(!ok && stdout.starts_with("FAILED at entry 5"), "{stdout}");
+
+    // One byte of entry 9's body.
+    let mut bytes = original.clone();
+    bytes[ranges.1.body.start as usize] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+    let (ok, stdout) = run_verify(dir.path());
+    assert!(!ok && stdout.starts_with("FAILED at entry 9"), "{stdout}");
+    assert!(stdout.contains("body"), "{stdout}");
+
+    // The last group cut off after it was acknowledged: the store refuses to open rather
+    // than take the shorter log for the whole ledger.
+    std::fs::write(&log, &original[..original.len() - 100]).unwrap();
+    let config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+    let error = common::open_retrying(|| Server::open(config.clone()))
+        .err()
+        .expect("the server refuses a cut log")
+        .to_string();
+    assert!(error.contains("truncated or altered"), "{error}");
+
+    // Put back, everything verifies again.
+    std::fs::write(&log, &original).unwrap();
+    let (ok, stdout) = run_verify(dir.path());
+    assert!(ok, "{stdout}");
 }

@@ -298,8 +298,22 @@ async fn a_witness_follows_growth_and_catches_a_rollback_and_a_fork() {
 
     // A body altered in the store behind the server's back: its checkpoint and proofs are
     // still fine, but a full check fetches every entry and names the altered one.
-    {
-        let store = common::open_store(&b.join(audit_ledger::server::STORE_DIR_NAME));
+    let store_dir = b.join(audit_ledger::server::STORE_DIR_NAME);
+    let log = store_dir.join(audit_ledger::storage::log_store::LOG_FILE);
+    if log.exists() {
+        let at =
+            common::open_retrying(|| audit_ledger::storage::LogStore::open(&store_dir, 1 << 20))
+                .unwrap()
+                .entry_ranges(3)
+                .unwrap()
+                .unwrap()
+                .body
+                .start;
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[at as usize] ^= 0x20;
+        std::fs::write(&log, bytes).unwrap();
+    } else {
+        let store = common::open_store(&store_dir);
         let key = audit_ledger::storage::sled_store::body_key(3);
         let mut body = store.raw().get(key).unwrap().unwrap().to_vec();
         body[0] ^= 0x20;

@@ -568,8 +568,8 @@ async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
     // Editing a record breaks the chain, and verify names it.
     {
         use audit_ledger::storage::IndexStore;
-        let store = common::open_store(&data.join(audit_ledger::server::STORE_DIR_NAME));
-        let space = store.access_log().unwrap();
+        let store = common::open_any_store(&data.join(audit_ledger::server::STORE_DIR_NAME));
+        let space = store.access;
         let mut value = space.get(&1u64.to_be_bytes()).unwrap().unwrap();
         let at = value.iter().position(|b| *b == b'c').unwrap();
         value[at] = b'C';

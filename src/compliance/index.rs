@@ -188,8 +188,9 @@ impl ComplianceIndexer {
                     for job in queue {
                         if let Err(error) = index.apply(job.writes) {
                             tracing::error!(%error, "indexing communications failed");
-                            *failure.lock().expect("failure lock") =
-                                Some(format!("indexing communications failed ({error}); restart the server"));
+                            *failure.lock().expect("failure lock") = Some(format!(
+                                "indexing communications failed ({error}); restart the server"
+                            ));
                             return;
                         }
                         progress.send_replace(job.size);
@@ -230,12 +231,11 @@ impl ComplianceIndexer {
 
 fn read_indexed_size(index: &dyn IndexStore) -> Result<u64, StorageError> {
     match index.get(INDEXED_SIZE)? {
-        Some(bytes) => Ok(u64::from_be_bytes(
-            bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| StorageError::Malformed("indexed size".into()))?,
-        )),
+        Some(bytes) => {
+            Ok(u64::from_be_bytes(bytes.as_slice().try_into().map_err(
+                |_| StorageError::Malformed("indexed size".into()),
+            )?))
+        }
         None => Ok(0),
     }
 }
@@ -307,8 +307,9 @@ impl Indexer for ComplianceIndexer {
         if let Some(reason) = self.failure.lock().expect("failure lock").clone() {
             return Err(StorageError::Backend(reason));
         }
-        let (facts, mut communications): (Vec<_>, Vec<_>) =
-            writes.into_iter().partition(|(key, _)| key.first() == Some(&b'F'));
+        let (facts, mut communications): (Vec<_>, Vec<_>) = writes
+            .into_iter()
+            .partition(|(key, _)| key.first() == Some(&b'F'));
         if !facts.is_empty() {
             self.index.apply(facts)?;
         }

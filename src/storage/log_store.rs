@@ -62,6 +62,16 @@ const LAYOUT_KEY: &[u8] = b"m/layout";
 /// Layout 2: entries in `ledger.log` (layout 1 is the all-in-sled [`super::SledStore`]).
 pub const LAYOUT_VERSION: &[u8] = b"2";
 
+/// An entry record's nodes, leaf and body.
+type RecordParts = (Vec<Hash>, Vec<u8>, Vec<u8>);
+
+/// Byte ranges of one entry's parts in `ledger.log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRanges {
+    pub leaf: std::ops::Range<u64>,
+    pub body: std::ops::Range<u64>,
+}
+
 /// Where the log ends, as the writer left it.
 #[derive(Debug, Clone, Copy)]
 struct Tail {
@@ -370,10 +380,7 @@ impl LogStore {
         let (mut at, mut entries) = match self.last_indexed_frame(log_len)? {
             Some(frame) => {
                 tail.last_checkpoint = frame.checkpoint.as_ref().map(|(size, _)| *size);
-                (
-                    frame.start,
-                    frame.first_index,
-                )
+                (frame.start, frame.first_index)
             }
             None => (0, 0),
         };
@@ -426,10 +433,13 @@ impl LogStore {
     /// Applies the frames from `tail.applied` to `tail.log_end` to sled.
     fn apply_from(&self, tail: &mut Tail) -> Result<(), StorageError> {
         while tail.applied < tail.log_end {
-            let frame = read_frame(&self.log, tail.applied, tail.log_end)?.ok_or_else(|| {
-                malformed(format!("log frame at {} is not intact", tail.applied))
-            })?;
-            self.apply(&frame.keys, frame.checkpoint.as_ref(), frame.start + frame.len)?;
+            let frame = read_frame(&self.log, tail.applied, tail.log_end)?
+                .ok_or_else(|| malformed(format!("log frame at {} is not intact", tail.applied)))?;
+            self.apply(
+                &frame.keys,
+                frame.checkpoint.as_ref(),
+                frame.start + frame.len,
+            )?;
             tail.applied = frame.start + frame.len;
         }
         Ok(())
@@ -454,22 +464,31 @@ impl LogStore {
 
     /// The parts' lengths (nodes bytes, leaf, body) of the record whose header is
     /// `header`, at `offset`; a record running past the log's end is damage, named.
-    fn parts(&self, index: u64, offset: u64, header: &[u8]) -> Result<(usize, usize, usize), StorageError> {
+    fn parts(
+        &self,
+        index: u64,
+        offset: u64,
+        header: &[u8],
+    ) -> Result<(usize, usize, usize), StorageError> {
         if u64_at(header, 0) != index {
-            return Err(malformed(format!("entry {index}: its record names another index")));
+            return Err(malformed(format!(
+                "entry {index}: its record names another index"
+            )));
         }
         let leaf = u32_at(header, 16) as usize;
         let body = u32_at(header, 20) as usize;
         let nodes = header[24] as usize * HASH_SIZE;
         let log_end = self.log_end.load(Ordering::Acquire);
         if offset + (ENTRY_HEADER + nodes + leaf + body) as u64 > log_end {
-            return Err(malformed(format!("entry {index}: its record runs past the log's end")));
+            return Err(malformed(format!(
+                "entry {index}: its record runs past the log's end"
+            )));
         }
         Ok((nodes, leaf, body))
     }
 
     /// Reads entry `index`'s record: (nodes, leaf, body).
-    fn record(&self, index: u64) -> Result<Option<(Vec<Hash>, Vec<u8>, Vec<u8>)>, StorageError> {
+    fn record(&self, index: u64) -> Result<Option<RecordParts>, StorageError> {
         if index >= self.entries.load(Ordering::Acquire) {
             return Ok(None);
         }
@@ -496,7 +515,9 @@ impl LogStore {
         let mut first = [0u8; ENTRY_HEADER + 8 * HASH_SIZE];
         let read = self.log.read_at(&mut first, offset).map_err(io)?;
         if read < ENTRY_HEADER {
-            return Err(malformed(format!("entry {index}: its record is not where the index says")));
+            return Err(malformed(format!(
+                "entry {index}: its record is not where the index says"
+            )));
         }
         self.parts(index, offset, &first[..ENTRY_HEADER])?;
         let count = first[24] as usize;
@@ -510,6 +531,24 @@ impl LogStore {
             bytes
         };
         Ok(Some(decode_nodes(&bytes)))
+    }
+
+    /// Where entry `index`'s leaf and body lie in `ledger.log`, for forensics and for tests
+    /// that alter a stored entry behind the ledger's back.
+    pub fn entry_ranges(&self, index: u64) -> Result<Option<EntryRanges>, StorageError> {
+        if index >= self.entries.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let offset = self.offset(index)?;
+        let mut header = [0u8; ENTRY_HEADER];
+        self.log.read_exact_at(&mut header, offset).map_err(io)?;
+        let (nodes, leaf, body) = self.parts(index, offset, &header)?;
+        let leaf_start = offset + (ENTRY_HEADER + nodes) as u64;
+        let body_start = leaf_start + leaf as u64;
+        Ok(Some(EntryRanges {
+            leaf: leaf_start..body_start,
+            body: body_start..body_start + body as u64,
+        }))
     }
 
     /// Bytes the store occupies on disk: the log, its index and sled.
@@ -618,7 +657,11 @@ impl Store for LogStore {
             let offset = self.offset(index)?;
             let header = window.bytes(&self.log, offset, ENTRY_HEADER)?.to_vec();
             let (nodes, leaf_len, body_len) = self.parts(index, offset, &header)?;
-            let record = window.bytes(&self.log, offset, ENTRY_HEADER + nodes + leaf_len + body_len)?;
+            let record = window.bytes(
+                &self.log,
+                offset,
+                ENTRY_HEADER + nodes + leaf_len + body_len,
+            )?;
             let parts = &record[ENTRY_HEADER..];
             Ok(RawEntry {
                 index,
@@ -712,8 +755,8 @@ impl Window {
 
     /// `len` bytes at `offset`, read ahead in large chunks.
     fn bytes(&mut self, log: &File, offset: u64, len: usize) -> Result<&[u8], StorageError> {
-        let inside = offset >= self.start
-            && offset + len as u64 <= self.start + self.bytes.len() as u64;
+        let inside =
+            offset >= self.start && offset + len as u64 <= self.start + self.bytes.len() as u64;
         if !inside {
             let want = len.max(Self::SIZE);
             self.bytes.resize(want, 0);
@@ -765,13 +808,28 @@ mod tests {
                     )
                 })
                 .collect(),
-            checkpoint: checkpoint.then(|| (first + count, format!("note {}", first + count).into_bytes())),
+            checkpoint: checkpoint.then(|| {
+                (
+                    first + count,
+                    format!("note {}", first + count).into_bytes(),
+                )
+            }),
             entries,
         }
     }
 
+    /// Opens the store; sled's threads may hold the lock of a store just dropped in this
+    /// process for a moment, so "in use" is retried.
     fn open(dir: &Path) -> LogStore {
-        LogStore::open(dir, 1 << 20).unwrap()
+        for _ in 0..200 {
+            match LogStore::open(dir, 1 << 20) {
+                Err(error) if error.to_string().contains("in use") => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stays locked", dir.display());
     }
 
     fn assert_holds(store: &LogStore, size: u64) {
@@ -820,7 +878,10 @@ mod tests {
         assert_holds(&store, 7);
         let sizes: Vec<u64> = store.checkpoints().map(|c| c.unwrap().0).collect();
         assert_eq!(sizes, [0, 4, 7]);
-        assert_eq!(store.latest_checkpoint().unwrap(), Some((7, b"note 7".to_vec())));
+        assert_eq!(
+            store.latest_checkpoint().unwrap(),
+            Some((7, b"note 7".to_vec()))
+        );
         // A large group (bigger than the read-ahead window) scans as well.
         let big = CommitBatch {
             entries: vec![NewEntry {
@@ -894,7 +955,10 @@ mod tests {
         let store = filled(dir.path());
         let length = std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
         store.commit(&batch(4, 3, true)).unwrap();
-        assert_eq!(std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len(), length);
+        assert_eq!(
+            std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len(),
+            length
+        );
         assert_holds(&store, 7);
         // A batch that skips indices is refused.
         assert!(store.commit(&batch(9, 1, true)).is_err());
@@ -909,7 +973,15 @@ mod tests {
         let at = bytes.len() - 50;
         bytes[at] ^= 1;
         std::fs::write(&log, bytes).unwrap();
-        let error = LogStore::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        let error = (0..200)
+            .find_map(|_| match LogStore::open(dir.path(), 1 << 20) {
+                Err(error) if error.to_string().contains("in use") => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                    None
+                }
+                other => Some(other.err().expect("the open fails").to_string()),
+            })
+            .unwrap();
         assert!(error.contains("truncated or altered"), "{error}");
     }
 }

@@ -27,16 +27,24 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(data_dir: &Path) -> TestServer {
-        Self::start_with(ServerConfig::new(data_dir, "127.0.0.1:0".parse().unwrap())).await
-    }
-
     /// Starts a server; `AUDIT_LEDGER_STORAGE` (as for the binary) picks the backend of a
     /// new store, so the whole suite can run against either.
-    pub async fn start_with(mut config: ServerConfig) -> TestServer {
+    pub async fn start(data_dir: &Path) -> TestServer {
+        let mut config = ServerConfig::new(data_dir, "127.0.0.1:0".parse().unwrap());
         if let Ok(kind) = std::env::var("AUDIT_LEDGER_STORAGE") {
             config.storage = kind.parse().expect("AUDIT_LEDGER_STORAGE is sled or log");
         }
+        Self::start_with(config).await
+    }
+
+    /// Starts a server whose new store is all in sled (tests that alter sled's keys).
+    pub async fn start_sled(data_dir: &Path) -> TestServer {
+        let mut config = ServerConfig::new(data_dir, "127.0.0.1:0".parse().unwrap());
+        config.storage = audit_ledger::storage::StorageKind::Sled;
+        Self::start_with(config).await
+    }
+
+    pub async fn start_with(config: ServerConfig) -> TestServer {
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let data_dir = config.data_dir.clone();
@@ -106,9 +114,22 @@ pub fn open_retrying<T, E: std::fmt::Display>(
     open()
 }
 
-/// Opens a stopped ledger's store directly (see [`open_retrying`]).
+/// Opens a stopped all-in-sled ledger's store directly (see [`open_retrying`]).
 pub fn open_store(path: &Path) -> audit_ledger::storage::SledStore {
     open_retrying(|| audit_ledger::storage::SledStore::open(path, 1 << 20)).expect("store opens")
+}
+
+/// Opens a stopped ledger's store, whichever backend it is (see [`open_retrying`]).
+pub fn open_any_store(path: &Path) -> audit_ledger::storage::OpenedStore {
+    open_retrying(|| {
+        audit_ledger::storage::open_store(
+            path,
+            audit_ledger::storage::StorageKind::default(),
+            1 << 20,
+        )
+    })
+    .map_err(|error| error.to_string())
+    .expect("store opens")
 }
 
 pub async fn connect(address: &str) -> Client {
