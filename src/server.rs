@@ -111,7 +111,7 @@ impl Server {
         let index: Arc<dyn IndexStore> = Arc::new(opened.index);
         let access = AccessLog::open(Arc::new(opened.access))?;
         let token_secret = signer.secret_bytes();
-        let (indexer, progress) = ComplianceIndexer::with_progress(index.clone());
+        let (indexer, progress) = ComplianceIndexer::new(index.clone(), opened.store.clone());
         let ledger = Ledger::open(
             opened.store,
             signer,
@@ -285,13 +285,19 @@ pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64,
     )?;
     let index = opened.index;
     index.clear()?;
+    let (indexer, progress) = ComplianceIndexer::new(Arc::new(index), opened.store.clone());
     let ledger = Ledger::open(
         opened.store,
         signer,
         LedgerOptions::default(),
-        Some(Box::new(ComplianceIndexer::new(Arc::new(index)))),
+        Some(Box::new(indexer)),
     )?;
     let size = ledger.tree_size();
+    // Fact lists are complete once the ledger is open; communication lists follow.
+    progress
+        .communications_indexed(size, std::time::Duration::from_secs(365 * 24 * 3600))
+        .await
+        .map_err(|reason| ServerError::Ledger(LedgerError::Unavailable(reason)))?;
     ledger.shutdown().await;
     Ok(size)
 }

@@ -331,10 +331,23 @@ proptest! {
         use prost::Message;
         let _ = audit_ledger::proto::LeafRecord::decode(leaf.as_slice());
         let _ = audit_ledger::ledger::leaf::decode_header(&leaf);
-        let mut indexer = audit_ledger::compliance::index::ComplianceIndexer::new(std::sync::Arc::new(MemoryIndex::default()));
+        let (mut indexer, _) = audit_ledger::compliance::index::ComplianceIndexer::new(std::sync::Arc::new(MemoryIndex::default()), empty_store());
         use audit_ledger::ledger::Indexer;
         let _ = indexer.index(&[(0, leaf.as_slice())]);
     }
+}
+
+/// An empty ledger store, shared by the indexer fuzz cases (opening one per case is slow).
+fn empty_store() -> std::sync::Arc<dyn audit_ledger::storage::Store> {
+    static STORE: std::sync::OnceLock<std::sync::Arc<audit_ledger::storage::LogStore>> =
+        std::sync::OnceLock::new();
+    STORE
+        .get_or_init(|| {
+            let dir =
+                std::env::temp_dir().join(format!("audit-ledger-fuzz-{}", std::process::id()));
+            std::sync::Arc::new(audit_ledger::storage::LogStore::open(&dir, 1 << 20).unwrap())
+        })
+        .clone()
 }
 
 /// An in-memory index, for the indexer fuzz case.

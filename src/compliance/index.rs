@@ -21,7 +21,7 @@ use prost::Message;
 use crate::ledger::Indexer;
 use crate::ledger::time::Timestamp;
 use crate::proto::{self, LeafRecord, fact::Kind, leaf_record};
-use crate::storage::{IndexStore, StorageError};
+use crate::storage::{IndexStore, StorageError, Store};
 
 const INDEXED_SIZE: &[u8] = b"m/indexed";
 
@@ -136,64 +136,149 @@ impl IndexProgress {
     }
 }
 
-/// One batch of communication keys for the indexing thread, ending with the new
-/// `m/indexed` marker.
-struct Job {
-    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    size: u64,
+/// What the writer tells the communication indexer: index up to `target`, or stop.
+#[derive(Default)]
+struct TailTarget {
+    target: u64,
+    stop: bool,
 }
 
-/// Keeps the compliance indexes in step with the ledger. Fact keys are written before the
-/// writer publishes (verdicts need them at once); communication keys, four per
-/// communication and the bulk of the work, go to a thread of their own so that appends do
-/// not wait for them. After a crash, `m/indexed` (written with the communication keys) is
-/// where the catch-up at open starts again.
+type SharedTarget = Arc<(std::sync::Mutex<TailTarget>, std::sync::Condvar)>;
+
+/// Entries the communication indexer reads and indexes per step.
+const TAIL_STEP: u64 = 4096;
+
+/// Keeps the compliance indexes in step with the ledger. Fact keys are written by the writer
+/// before it publishes (verdicts need them at once). Communication keys — four per
+/// communication, the bulk of the work — are written by a thread of its own that follows
+/// the ledger, reading the durable entries from the store: the ledger itself is its queue,
+/// so appends never wait for it and a burst of any size costs no memory. The thread runs at
+/// a lower CPU priority than the writer. `m/indexed`, written with each step of
+/// communication keys, is where it starts again after a restart.
 pub struct ComplianceIndexer {
     index: Arc<dyn IndexStore>,
-    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    target: SharedTarget,
     thread: Option<std::thread::JoinHandle<()>>,
     failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Drop for ComplianceIndexer {
-    /// Finishes the queued communication keys before the store may close.
+    /// Stops the communication indexer after its current step; what it did not reach is
+    /// indexed after the next start.
     fn drop(&mut self) {
-        self.jobs.take();
+        {
+            let (lock, wake) = &*self.target;
+            lock.lock().expect("target lock").stop = true;
+            wake.notify_all();
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-/// Batches of communication keys queued for the indexing thread before appends wait.
-const QUEUED_JOBS: usize = 64;
+/// The communication keys of one leaf (none for a fact).
+fn communication_keys(index: u64, leaf: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
+    let record = LeafRecord::decode(leaf)
+        .map_err(|_| StorageError::Malformed(format!("entry {index} is not a LeafRecord")))?
+        .record;
+    let Some(leaf_record::Record::Communication(c)) = record else {
+        return Ok(Vec::new());
+    };
+    let sent_at = timestamp(&c.sent_at);
+    let mut keys = vec![
+        communication_key(COMMUNICATION_BY_TIME, "", sent_at, index),
+        communication_key(COMMUNICATION_BY_CUSTOMER, &c.customer_id, sent_at, index),
+        communication_key(COMMUNICATION_BY_SENDER, &c.sender_id, sent_at, index),
+    ];
+    if !c.subscription_id.is_empty() {
+        keys.push(communication_key(
+            COMMUNICATION_BY_SUBSCRIPTION,
+            &c.subscription_id,
+            sent_at,
+            index,
+        ));
+    }
+    Ok(keys)
+}
+
+/// Lowers the calling thread's CPU priority (Linux: per-thread nice), so that indexing
+/// yields to the writer and to request handling when both want the CPU.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on the calling thread's own id; no memory is shared.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
+/// The communication indexer's loop: index from `m/indexed` up to the target, a step at a
+/// time, until told to stop.
+fn follow(
+    index: &dyn IndexStore,
+    store: &dyn Store,
+    target: &SharedTarget,
+    progress: &tokio::sync::watch::Sender<u64>,
+) -> Result<(), StorageError> {
+    lower_priority();
+    let mut indexed = read_indexed_size(index)?;
+    loop {
+        let goal = {
+            let (lock, wake) = &**target;
+            let mut state = lock.lock().expect("target lock");
+            while !state.stop && state.target <= indexed {
+                state = wake.wait(state).expect("target lock");
+            }
+            if state.stop {
+                return Ok(());
+            }
+            state.target
+        };
+        let end = goal.min(indexed + TAIL_STEP);
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for entry in store.entries(indexed, end) {
+            let entry = entry?;
+            let leaf = entry.leaf.ok_or_else(|| {
+                StorageError::Malformed(format!("entry {} has no leaf", entry.index))
+            })?;
+            for key in communication_keys(entry.index, &leaf)? {
+                writes.push((key, Some(Vec::new())));
+            }
+        }
+        writes.push((INDEXED_SIZE.to_vec(), Some(end.to_be_bytes().to_vec())));
+        index.apply(writes)?;
+        indexed = end;
+        progress.send_replace(end);
+    }
+}
 
 impl ComplianceIndexer {
-    pub fn new(index: Arc<dyn IndexStore>) -> Self {
-        Self::with_progress(index).0
-    }
-
-    /// The indexer, and the progress its readers wait on.
-    pub fn with_progress(index: Arc<dyn IndexStore>) -> (Self, IndexProgress) {
+    /// The indexer over `index`, following the ledger in `store`, and the progress its
+    /// readers wait on.
+    pub fn new(index: Arc<dyn IndexStore>, store: Arc<dyn Store>) -> (Self, IndexProgress) {
         let start = read_indexed_size(index.as_ref()).unwrap_or(0);
         let (progress, communications) = tokio::sync::watch::channel(start);
         let failure = Arc::new(std::sync::Mutex::new(None));
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(QUEUED_JOBS);
+        let target: SharedTarget = Arc::new((
+            std::sync::Mutex::new(TailTarget {
+                target: start,
+                stop: false,
+            }),
+            std::sync::Condvar::new(),
+        ));
         let thread = {
             let index = index.clone();
             let failure = failure.clone();
+            let target = target.clone();
             std::thread::Builder::new()
                 .name("communication-indexer".into())
                 .spawn(move || {
-                    for job in queue {
-                        if let Err(error) = index.apply(job.writes) {
-                            tracing::error!(%error, "indexing communications failed");
-                            *failure.lock().expect("failure lock") = Some(format!(
-                                "indexing communications failed ({error}); restart the server"
-                            ));
-                            return;
-                        }
-                        progress.send_replace(job.size);
+                    if let Err(error) = follow(index.as_ref(), store.as_ref(), &target, &progress) {
+                        tracing::error!(%error, "indexing communications failed");
+                        *failure.lock().expect("failure lock") = Some(format!(
+                            "indexing communications failed ({error}); restart the server"
+                        ));
                     }
                 })
                 .expect("the indexing thread starts")
@@ -201,7 +286,7 @@ impl ComplianceIndexer {
         (
             ComplianceIndexer {
                 index,
-                jobs: Some(jobs),
+                target,
                 thread: Some(thread),
                 failure: failure.clone(),
             },
@@ -257,18 +342,8 @@ impl Indexer for ComplianceIndexer {
                 .map_err(|_| StorageError::Malformed(format!("entry {index} is not a LeafRecord")))?
                 .record;
             match record {
-                Some(leaf_record::Record::Communication(c)) => {
-                    let sent_at = timestamp(&c.sent_at);
-                    let mut put = |dim, id: &str| {
-                        writes.push((communication_key(dim, id, sent_at, index), Some(Vec::new())));
-                    };
-                    put(COMMUNICATION_BY_TIME, "");
-                    put(COMMUNICATION_BY_CUSTOMER, &c.customer_id);
-                    put(COMMUNICATION_BY_SENDER, &c.sender_id);
-                    if !c.subscription_id.is_empty() {
-                        put(COMMUNICATION_BY_SUBSCRIPTION, &c.subscription_id);
-                    }
-                }
+                // Communications: the following thread reads them from the store.
+                Some(leaf_record::Record::Communication(_)) => {}
                 Some(leaf_record::Record::Fact(fact)) => {
                     let value = fact.encode_to_vec();
                     let mut put = |dim, id: &str| {
@@ -307,23 +382,13 @@ impl Indexer for ComplianceIndexer {
         if let Some(reason) = self.failure.lock().expect("failure lock").clone() {
             return Err(StorageError::Backend(reason));
         }
-        let (facts, mut communications): (Vec<_>, Vec<_>) = writes
-            .into_iter()
-            .partition(|(key, _)| key.first() == Some(&b'F'));
-        if !facts.is_empty() {
-            self.index.apply(facts)?;
+        if !writes.is_empty() {
+            self.index.apply(writes)?;
         }
-        communications.push((
-            INDEXED_SIZE.to_vec(),
-            Some((last.0 + 1).to_be_bytes().to_vec()),
-        ));
-        self.jobs
-            .as_ref()
-            .expect("jobs until drop")
-            .send(Job {
-                writes: communications,
-                size: last.0 + 1,
-            })
-            .map_err(|_| StorageError::Backend("the communication indexing thread stopped".into()))
+        let (lock, wake) = &*self.target;
+        let mut state = lock.lock().expect("target lock");
+        state.target = state.target.max(last.0 + 1);
+        wake.notify_all();
+        Ok(())
     }
 }

@@ -47,6 +47,8 @@ use crate::ledger::merkle::{HASH_SIZE, Hash};
 /// File names inside the store directory.
 pub const LOG_FILE: &str = "ledger.log";
 pub const INDEX_FILE: &str = "ledger.idx";
+/// The sled database of derived indexes and the access log, inside the store directory.
+pub const DERIVED_DIR: &str = "derived";
 
 const MAGIC: &[u8; 4] = b"ALF1";
 /// Frame header: magic, frame_len, first_index, entries, keys, has_checkpoint.
@@ -85,6 +87,9 @@ struct Tail {
 
 pub struct LogStore {
     db: sled::Db,
+    /// A second sled database for the derived indexes and the access log, so that the
+    /// communication indexer's inserts do not contend with the writer's in one page cache.
+    derived: sled::Db,
     dir: PathBuf,
     log: File,
     idx: File,
@@ -277,7 +282,8 @@ impl LogStore {
     /// completed from the log, a torn last frame is cut off, and sled is brought up to the
     /// log's end.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
-        let db = open_sled(dir, cache_bytes, Some(1000))?;
+        let db = open_sled(dir, cache_bytes / 2, Some(1000))?;
+        let derived = open_sled(&dir.join(DERIVED_DIR), cache_bytes / 2, Some(1000))?;
         match db.get(LAYOUT_KEY).map_err(backend)? {
             Some(version) if version.as_ref() == LAYOUT_VERSION => {}
             Some(version) => {
@@ -314,6 +320,7 @@ impl LogStore {
         };
         let store = LogStore {
             db,
+            derived,
             dir: dir.to_owned(),
             log,
             idx,
@@ -331,12 +338,12 @@ impl LogStore {
 
     /// The derived-index space (sled tree), as [`super::SledStore::index`].
     pub fn index(&self) -> Result<SledIndex, StorageError> {
-        SledIndex::open(&self.db, super::sled_store::INDEX_TREE)
+        SledIndex::open(&self.derived, super::sled_store::INDEX_TREE)
     }
 
     /// The access log's space (sled tree).
     pub fn access_log(&self) -> Result<SledIndex, StorageError> {
-        SledIndex::open(&self.db, super::sled_store::ACCESS_TREE)
+        SledIndex::open(&self.derived, super::sled_store::ACCESS_TREE)
     }
 
     /// Offset of entry `index`'s record, from the index file.
@@ -554,6 +561,7 @@ impl LogStore {
     /// Bytes the store occupies on disk: the log, its index and sled.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
         Ok(self.db.size_on_disk().map_err(backend)?
+            + self.derived.size_on_disk().map_err(backend)?
             + self.log.metadata().map_err(io)?.len()
             + self.idx.metadata().map_err(io)?.len())
     }
@@ -569,6 +577,9 @@ impl Drop for LogStore {
     fn drop(&mut self) {
         if let Err(error) = self.db.flush() {
             tracing::warn!(%error, "sled flush at close failed; the next open re-applies the log");
+        }
+        if let Err(error) = self.derived.flush() {
+            tracing::warn!(%error, "sled flush of the indexes at close failed; the next open re-indexes");
         }
     }
 }
