@@ -75,7 +75,7 @@ pub struct EntryRanges {
 }
 
 /// Where the log ends, as the writer left it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Tail {
     /// End of the last durable frame.
     log_end: u64,
@@ -83,6 +83,12 @@ struct Tail {
     applied: u64,
     /// Size of the last checkpoint in the log (to recognise a retried batch).
     last_checkpoint: Option<u64>,
+    /// Entries in durable frames (readers see `LogStore::entries`, raised once their
+    /// offsets are in the index file).
+    in_log: u64,
+    /// Offsets of durable entries not yet written to the index file (its write failed):
+    /// `(position in the file, bytes)`, written before anything else.
+    unindexed: Option<(u64, Vec<u8>)>,
 }
 
 pub struct LogStore {
@@ -330,6 +336,8 @@ impl LogStore {
                 log_end: 0,
                 applied,
                 last_checkpoint: None,
+                in_log: 0,
+                unindexed: None,
             }),
         };
         store.recover()?;
@@ -431,6 +439,7 @@ impl LogStore {
         self.idx.set_len(entries * 8).map_err(io)?;
         self.idx.sync_all().map_err(io)?;
         tail.log_end = at;
+        tail.in_log = entries;
         self.log_end.store(at, Ordering::Release);
         self.entries.store(entries, Ordering::Release);
         self.apply_from(&mut tail)?;
@@ -595,19 +604,19 @@ impl Store for LogStore {
     fn commit(&self, batch: &CommitBatch) -> Result<(), StorageError> {
         let mut tail = self.tail.lock().expect("tail lock");
         // A batch retried after a failure may already be in the log (its write was durable
-        // but applying it to sled failed): never write it twice.
-        let entries = self.entries.load(Ordering::Acquire);
+        // but a later step failed): never write it twice, finish what is left.
+        let in_log = tail.in_log;
         let written = match (batch.entries.first(), &batch.checkpoint) {
-            (Some(first), _) => first.index < entries,
+            (Some(first), _) => first.index < in_log,
             (None, Some((size, _))) => tail.last_checkpoint.is_some_and(|last| last >= *size),
             (None, None) => true,
         };
         if !written {
             if let Some(first) = batch.entries.first()
-                && first.index != entries
+                && first.index != in_log
             {
                 return Err(malformed(format!(
-                    "batch starts at entry {} but the log holds {entries}",
+                    "batch starts at entry {} but the log holds {in_log}",
                     first.index
                 )));
             }
@@ -626,14 +635,20 @@ impl Store for LogStore {
                 bytes.extend_from_slice(&offset.to_le_bytes());
             }
             tail.log_end += frame.len() as u64;
+            tail.in_log += offsets.len() as u64;
+            tail.unindexed = Some((in_log * 8, bytes));
             self.log_end.store(tail.log_end, Ordering::Release);
             if let Some((size, _)) = &batch.checkpoint {
                 tail.last_checkpoint = Some(*size);
             }
-            // The index is derived: written, not synced (the next open completes it).
-            self.idx.write_all_at(&bytes, entries * 8).map_err(io)?;
-            self.entries
-                .store(entries + offsets.len() as u64, Ordering::Release);
+        }
+        // The index file is derived: written, not synced (the next open completes it).
+        if let Some((at, bytes)) = tail.unindexed.take() {
+            if let Err(error) = self.idx.write_all_at(&bytes, at) {
+                tail.unindexed = Some((at, bytes));
+                return Err(io(error));
+            }
+            self.entries.store(tail.in_log, Ordering::Release);
         }
         // Frames not yet in sled (this one, or one whose application failed before).
         if tail.applied < tail.log_end {
