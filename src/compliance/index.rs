@@ -152,8 +152,7 @@ const TAIL_STEP: u64 = 4096;
 /// before it publishes (verdicts need them at once). Communication keys — four per
 /// communication, the bulk of the work — are written by a thread of its own that follows
 /// the ledger, reading the durable entries from the store: the ledger itself is its queue,
-/// so appends never wait for it and a burst of any size costs no memory. The thread runs at
-/// a lower CPU priority than the writer. `m/indexed`, written with each step of
+/// so appends never wait for it and a burst of any size costs no memory. `m/indexed`, written with each step of
 /// communication keys, is where it starts again after a restart.
 pub struct ComplianceIndexer {
     index: Arc<dyn IndexStore>,
@@ -202,17 +201,6 @@ fn communication_keys(index: u64, leaf: &[u8]) -> Result<Vec<Vec<u8>>, StorageEr
     Ok(keys)
 }
 
-/// Lowers the calling thread's CPU priority (Linux: per-thread nice), so that indexing
-/// yields to the writer and to request handling when both want the CPU.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain system calls on the calling thread's own id; no memory is shared.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
-    }
-}
-
 /// The communication indexer's loop: index from `m/indexed` up to the target, a step at a
 /// time, until told to stop.
 fn follow(
@@ -221,7 +209,6 @@ fn follow(
     target: &SharedTarget,
     progress: &tokio::sync::watch::Sender<u64>,
 ) -> Result<(), StorageError> {
-    lower_priority();
     let mut indexed = read_indexed_size(index)?;
     loop {
         let goal = {
