@@ -158,6 +158,25 @@ struct ListFilters {
     to: Option<String>,
 }
 
+impl ListFilters {
+    /// The client's filters for a communications listing or export.
+    fn communications(
+        self,
+        topic: Option<String>,
+        subscription: Option<String>,
+    ) -> client::commands::Filters {
+        client::commands::Filters {
+            customer: self.customer,
+            sender: self.sender,
+            from: self.from,
+            to: self.to,
+            topic,
+            subscription,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct ViolationsArgs {
     #[command(flatten)]
@@ -444,15 +463,7 @@ fn main() -> ExitCode {
                 .await
         }),
         Command::Communications(args) => client_command(async move {
-            let filters = client::commands::Filters {
-                customer: args.filters.customer,
-                sender: args.filters.sender,
-                from: args.filters.from,
-                to: args.filters.to,
-                topic: args.topic,
-                subscription: args.subscription,
-                ..Default::default()
-            };
+            let filters = args.filters.communications(args.topic, args.subscription);
             client::commands::communications(&args.client.connection(), filters, args.client.output)
                 .await
         }),
@@ -479,15 +490,7 @@ fn main() -> ExitCode {
             Ok(0)
         }),
         Command::Export(args) => client_command(async move {
-            let filters = client::commands::Filters {
-                customer: args.filters.customer,
-                sender: args.filters.sender,
-                from: args.filters.from,
-                to: args.filters.to,
-                topic: args.topic,
-                subscription: args.subscription,
-                ..Default::default()
-            };
+            let filters = args.filters.communications(args.topic, args.subscription);
             let verifier = args
                 .verifier_key
                 .as_deref()

@@ -290,7 +290,14 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
 
 /// A stopped all-in-sled ledger of `count` communications (these tests alter sled keys).
 async fn ledger_with_entries(dir: &Path, count: u64) {
-    let server = TestServer::start_sled(dir).await;
+    ledger_in(dir, audit_ledger::storage::StorageKind::Sled, count).await;
+}
+
+/// A stopped ledger of `count` communications on `storage`, written in groups of four.
+async fn ledger_in(dir: &Path, storage: audit_ledger::storage::StorageKind, count: u64) {
+    let mut config = ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap());
+    config.storage = storage;
+    let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
     for chunk in (0..count).collect::<Vec<_>>().chunks(4) {
         client
@@ -503,27 +510,10 @@ async fn a_store_that_does_not_match_its_checkpoint_serves_reads_and_refuses_wri
     assert!(message.contains("checkpoint"), "{message}");
 }
 
-/// A stopped ledger in the log store, written in groups of four.
-async fn log_ledger(dir: &Path, count: u64) {
-    let mut config = ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap());
-    config.storage = audit_ledger::storage::StorageKind::Log;
-    let server = TestServer::start_with(config).await;
-    let mut client = server.client().await;
-    for chunk in (0..count).collect::<Vec<_>>().chunks(4) {
-        client
-            .append_batch(AppendBatchRequest {
-                communications: chunk.iter().map(|&n| communication("s", n)).collect(),
-            })
-            .await
-            .unwrap();
-    }
-    server.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_log_store_names_an_altered_entry_and_refuses_a_cut_log() {
     let dir = tempfile::tempdir().unwrap();
-    log_ledger(dir.path(), 20).await;
+    ledger_in(dir.path(), audit_ledger::storage::StorageKind::Log, 20).await;
     let store_dir = dir.path().join(STORE_DIR_NAME);
     let log = store_dir.join(audit_ledger::storage::log_store::LOG_FILE);
     let ranges = {

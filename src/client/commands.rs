@@ -88,6 +88,48 @@ pub struct Filters {
     pub as_of_tree_size: u64,
 }
 
+impl Filters {
+    /// `--from` and `--to` as timestamps.
+    #[allow(clippy::type_complexity)]
+    pub fn time_range(
+        &self,
+    ) -> anyhow::Result<(
+        Option<prost_types::Timestamp>,
+        Option<prost_types::Timestamp>,
+    )> {
+        Ok((
+            self.from
+                .as_deref()
+                .map(|at| input::instant("--from", at))
+                .transpose()?,
+            self.to
+                .as_deref()
+                .map(|at| input::instant("--to", at))
+                .transpose()?,
+        ))
+    }
+
+    /// The first `ListCommunications` page these filters ask for.
+    pub fn communications_request(&self) -> anyhow::Result<ListCommunicationsRequest> {
+        let (from, to) = self.time_range()?;
+        Ok(ListCommunicationsRequest {
+            customer_id: self.customer.clone().unwrap_or_default(),
+            sender_id: self.sender.clone().unwrap_or_default(),
+            topic: self
+                .topic
+                .as_deref()
+                .map(input::topic)
+                .transpose()?
+                .unwrap_or(0),
+            subscription_id: self.subscription.clone().unwrap_or_default(),
+            from,
+            to,
+            page_size: 1000,
+            page_token: String::new(),
+        })
+    }
+}
+
 fn communication_cells(entry: &Entry) -> Vec<Cell> {
     let record = entry
         .record
@@ -128,18 +170,13 @@ pub async fn violations(
     let mut columns = COMMUNICATION_COLUMNS.to_vec();
     columns.extend(["verdict", "rule", "explanation", "evidence"]);
     let mut printer = Printer::new(format, columns, std::io::stdout().lock());
+    let (from, to) = filters.time_range()?;
     let mut request = ListViolationsRequest {
         customer_id: filters.customer.unwrap_or_default(),
         sender_id: filters.sender.unwrap_or_default(),
         rule: filters.rule.unwrap_or_default(),
-        from: filters
-            .from
-            .map(|at| input::instant("--from", &at))
-            .transpose()?,
-        to: filters
-            .to
-            .map(|at| input::instant("--to", &at))
-            .transpose()?,
+        from,
+        to,
         include_review: filters.include_review,
         as_of_tree_size: filters.as_of_tree_size,
         page_size: 1000,
@@ -187,27 +224,7 @@ pub async fn communications(
         COMMUNICATION_COLUMNS.to_vec(),
         std::io::stdout().lock(),
     );
-    let mut request = ListCommunicationsRequest {
-        customer_id: filters.customer.unwrap_or_default(),
-        sender_id: filters.sender.unwrap_or_default(),
-        topic: filters
-            .topic
-            .as_deref()
-            .map(input::topic)
-            .transpose()?
-            .unwrap_or(0),
-        subscription_id: filters.subscription.unwrap_or_default(),
-        from: filters
-            .from
-            .map(|at| input::instant("--from", &at))
-            .transpose()?,
-        to: filters
-            .to
-            .map(|at| input::instant("--to", &at))
-            .transpose()?,
-        page_size: 1000,
-        page_token: String::new(),
-    };
+    let mut request = filters.communications_request()?;
     loop {
         let page = clients
             .compliance

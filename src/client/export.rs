@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD;
 use futures_util::StreamExt;
 
 use super::commands::Filters;
-use super::{Connection, call_error, input};
+use super::{Connection, call_error};
 use crate::export::check::file_sha256;
 use crate::export::manifest::{
     MANIFEST_FORMAT, ManifestHeader, ManifestWriter, ProofLine, manifest_path,
@@ -28,10 +28,7 @@ use crate::export::{Format, Row, RowWriter};
 use crate::ledger::CheckpointVerifier;
 use crate::ledger::merkle::{self, Hash};
 use crate::proto::ledger_service_client::LedgerServiceClient;
-use crate::proto::{
-    Entry, GetCheckpointRequest, GetInclusionProofRequest, ListCommunicationsRequest,
-    ListEntriesRequest,
-};
+use crate::proto::{Entry, GetCheckpointRequest, GetInclusionProofRequest, ListEntriesRequest};
 
 /// Inclusion proofs fetched at once.
 const PROOFS_IN_FLIGHT: usize = 32;
@@ -128,29 +125,8 @@ async fn for_each_page(
         }
         return Ok(());
     }
-    let mut request = ListCommunicationsRequest {
-        customer_id: filters.customer.clone().unwrap_or_default(),
-        sender_id: filters.sender.clone().unwrap_or_default(),
-        topic: filters
-            .topic
-            .as_deref()
-            .map(input::topic)
-            .transpose()?
-            .unwrap_or(0),
-        subscription_id: filters.subscription.clone().unwrap_or_default(),
-        from: filters
-            .from
-            .as_deref()
-            .map(|at| input::instant("--from", at))
-            .transpose()?,
-        to: filters
-            .to
-            .as_deref()
-            .map(|at| input::instant("--to", at))
-            .transpose()?,
-        page_size: PAGE as i32,
-        page_token: String::new(),
-    };
+    let mut request = filters.communications_request()?;
+    request.page_size = PAGE as i32;
     loop {
         let page = clients
             .compliance

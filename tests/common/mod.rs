@@ -37,13 +37,6 @@ impl TestServer {
         Self::start_with(config).await
     }
 
-    /// Starts a server whose new store is all in sled (tests that alter sled's keys).
-    pub async fn start_sled(data_dir: &Path) -> TestServer {
-        let mut config = ServerConfig::new(data_dir, "127.0.0.1:0".parse().unwrap());
-        config.storage = audit_ledger::storage::StorageKind::Sled;
-        Self::start_with(config).await
-    }
-
     pub async fn start_with(config: ServerConfig) -> TestServer {
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
