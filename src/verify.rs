@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, decode_header};
+use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header};
 use crate::ledger::merkle::{self, Frontier, Hash};
 use crate::ledger::time::Timestamp;
 use crate::ledger::{CheckpointVerifier, StoreNodes};
@@ -283,8 +283,8 @@ fn verify_chunk(
     let mut frontier = Frontier::at(start, &StoreNodes(store))
         .map_err(|error| (start, entry_error(start, format!("tree nodes: {error}"))))?;
     // The link into this chunk: the previous entry's leaf (its own chunk checks it).
-    let (mut prev_leaf_hash, mut prev_recorded_at) = match start.checked_sub(1) {
-        None => (GENESIS_PREV_LEAF_HASH, Timestamp::default()),
+    let mut previous = match start.checked_sub(1) {
+        None => GENESIS_LINK,
         Some(previous) => {
             let leaf = store
                 .leaf(previous)
@@ -292,7 +292,10 @@ fn verify_chunk(
                 .ok_or_else(|| (previous, entry_error(previous, "leaf is missing")))?;
             let header = decode_header(&leaf)
                 .map_err(|error| (previous, entry_error(previous, error.to_string())))?;
-            (merkle::leaf_hash(&leaf), header.recorded_at)
+            ChainLink {
+                leaf_hash: merkle::leaf_hash(&leaf),
+                recorded_at: header.recorded_at,
+            }
         }
     };
     for entry in store.entries(start, end) {
@@ -302,20 +305,8 @@ fn verify_chunk(
             .leaf
             .ok_or_else(|| entry_error(index, "leaf is missing"))
             .map_err(at(index))?;
-        let header =
-            decode_header(&leaf).map_err(|error| (index, entry_error(index, error.to_string())))?;
-        let problem = if header.index != index {
-            Some(format!("leaf says index {}", header.index))
-        } else if header.prev_leaf_hash != prev_leaf_hash {
-            Some("prev_leaf_hash does not link to the previous entry".into())
-        } else if header.recorded_at < prev_recorded_at {
-            Some("recorded_at goes back in time".into())
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Err((index, entry_error(index, problem)));
-        }
+        let (header, record) = check_entry(index, &leaf, entry.body.as_deref(), Some(previous))
+            .map_err(|problem| (index, entry_error(index, problem)))?;
         let leaf_hash = merkle::leaf_hash(&leaf);
         let stored_nodes = entry
             .nodes
@@ -333,9 +324,11 @@ fn verify_chunk(
                 entry_error(index, "stored tree nodes do not match the leaves"),
             ));
         }
-        claims.push(check_record(index, &leaf, entry.body).map_err(at(index))?);
-        prev_leaf_hash = leaf_hash;
-        prev_recorded_at = header.recorded_at;
+        claims.push(claim(index, record));
+        previous = ChainLink {
+            leaf_hash,
+            recorded_at: header.recorded_at,
+        };
         if index % 4096 == 4095 {
             checked.fetch_add(4096, Ordering::Relaxed);
         }
@@ -343,22 +336,63 @@ fn verify_chunk(
     Ok(claims)
 }
 
-/// The record inside a leaf: its body digest; returns its idempotency claim.
-fn check_record(index: u64, leaf: &[u8], body: Option<Vec<u8>>) -> Result<Claim, VerifyError> {
-    let record = LeafRecord::decode(leaf)
-        .map_err(|_| entry_error(index, "leaf is not a LeafRecord"))?
-        .record
-        .ok_or_else(|| entry_error(index, "leaf carries no record"))?;
-    if let Some(problem) = body_problem(&record, body.as_deref()) {
-        return Err(entry_error(index, problem));
+/// The entry before another in the chain: what the next one's header must link to.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainLink {
+    pub leaf_hash: Hash,
+    pub recorded_at: Timestamp,
+}
+
+/// Where every chain starts: what entry 0 links to.
+pub const GENESIS_LINK: ChainLink = ChainLink {
+    leaf_hash: GENESIS_PREV_LEAF_HASH,
+    recorded_at: Timestamp {
+        seconds: 0,
+        nanos: 0,
+    },
+};
+
+/// Checks one entry as anyone holding it can — the store's `verify`, an export's check and
+/// a witness's full pass: its leaf names `index`, links to `previous` (when the entry before
+/// is at hand) without going back in time, carries a record, and `body` matches it. Returns
+/// the leaf's header and record, or what is wrong.
+pub fn check_entry(
+    index: u64,
+    leaf: &[u8],
+    body: Option<&[u8]>,
+    previous: Option<ChainLink>,
+) -> Result<(LeafHeader, leaf_record::Record), String> {
+    let header = decode_header(leaf).map_err(|error| error.to_string())?;
+    if header.index != index {
+        return Err(format!("leaf says index {}", header.index));
     }
+    if let Some(previous) = previous {
+        if header.prev_leaf_hash != previous.leaf_hash {
+            return Err("prev_leaf_hash does not link to the previous entry".into());
+        }
+        if header.recorded_at < previous.recorded_at {
+            return Err("recorded_at goes back in time".into());
+        }
+    }
+    let record = LeafRecord::decode(leaf)
+        .map_err(|_| "leaf is not a LeafRecord".to_owned())?
+        .record
+        .ok_or_else(|| "leaf carries no record".to_owned())?;
+    if let Some(problem) = body_problem(&record, body) {
+        return Err(problem.to_owned());
+    }
+    Ok((header, record))
+}
+
+/// The idempotency claim of a checked record.
+fn claim(index: u64, record: leaf_record::Record) -> Claim {
     let key = match record {
         leaf_record::Record::Communication(communication) => {
             idempotency_key(&communication.sender_id, &communication.message_id)
         }
         leaf_record::Record::Fact(fact) => crate::records::fact::idempotency_key(&fact.fact_id),
     };
-    Ok((Sha256::digest(&key).into(), index))
+    (Sha256::digest(&key).into(), index)
 }
 
 /// What is wrong with the body stored beside a leaf's record, if anything: a

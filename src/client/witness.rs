@@ -10,16 +10,12 @@ use std::io::Write;
 use std::path::Path;
 
 use futures_util::StreamExt;
-use prost::Message;
 
 use super::{Connection, call_error};
-use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, decode_header};
 use crate::ledger::merkle::{self, Frontier, Hash, MemoryNodes};
 use crate::ledger::{CheckpointVerifier, SignedCheckpoint};
-use crate::proto::{
-    GetCheckpointRequest, GetConsistencyProofRequest, LeafRecord, ListEntriesRequest,
-};
-use crate::verify::body_problem;
+use crate::proto::{GetCheckpointRequest, GetConsistencyProofRequest, ListEntriesRequest};
+use crate::verify::{ChainLink, GENESIS_LINK, check_entry};
 
 /// How a witness run ended, when it could run at all.
 #[derive(Debug)]
@@ -80,7 +76,7 @@ async fn check_every_entry(
     let mut clients = connection.clients().await?;
     let mut frontier =
         Frontier::at(0, &MemoryNodes::default()).expect("the empty tree needs no nodes");
-    let mut previous = GENESIS_PREV_LEAF_HASH;
+    let mut previous = GENESIS_LINK;
     while frontier.size() < latest.size {
         let start = frontier.size();
         let mut stream = clients
@@ -104,28 +100,16 @@ async fn check_every_entry(
                     entry.index
                 )));
             }
-            let problem = |text: &str| Ok(Err(format!("entry {index}: {text}")));
+            let header = match check_entry(index, &entry.leaf, Some(&entry.body), Some(previous)) {
+                Ok((header, _)) => header,
+                Err(problem) => return Ok(Err(format!("entry {index}: {problem}"))),
+            };
             let leaf_hash = merkle::leaf_hash(&entry.leaf);
-            let Ok(header) = decode_header(&entry.leaf) else {
-                return problem("the leaf has no valid chain header");
-            };
-            if header.index != index {
-                return problem("the leaf names another index");
-            }
-            if header.prev_leaf_hash != previous {
-                return problem("prev_leaf_hash does not chain to the entry before");
-            }
-            let Some(record) = LeafRecord::decode(entry.leaf.as_slice())
-                .ok()
-                .and_then(|leaf| leaf.record)
-            else {
-                return problem("the leaf carries no record");
-            };
-            if let Some(text) = body_problem(&record, Some(&entry.body)) {
-                return problem(text);
-            }
             frontier.push(leaf_hash);
-            previous = leaf_hash;
+            previous = ChainLink {
+                leaf_hash,
+                recorded_at: header.recorded_at,
+            };
             progress(frontier.size(), latest.size);
             if frontier.size() == latest.size {
                 break;

@@ -12,17 +12,14 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::manifest::{MANIFEST_SUFFIX, ManifestReader, manifest_path};
 use super::{Format, read_rows};
 use crate::ledger::CheckpointVerifier;
-use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, decode_header};
 use crate::ledger::merkle::{self, Hash};
-use crate::proto::LeafRecord;
 use crate::records::describe::{COLUMNS, describe};
-use crate::verify::body_problem;
+use crate::verify::{ChainLink, GENESIS_LINK, check_entry};
 
 /// What a successful check covered.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +169,7 @@ pub fn verify_export(
         File::open(&export).map_err(|error| export_error(format!("cannot be read ({error})")))?,
     );
     let mut checked = 0u64;
-    let mut previous: Option<(u64, Hash)> = None;
+    let mut previous: Option<(u64, ChainLink)> = None;
     let mut seen = std::collections::HashSet::new();
     for row in read_rows(format, input) {
         let row = row.map_err(|error| ExportCheckError::Line {
@@ -204,14 +201,14 @@ pub fn verify_export(
         if row.leaf_hash != leaf_hash.0 {
             return Err(line_error("leaf_hash is not the hash of leaf".to_owned()));
         }
-        let leaf_header =
-            decode_header(&row.leaf).map_err(|error| line_error(format!("leaf: {error}")))?;
-        if leaf_header.index != row.index {
-            return Err(line_error(format!(
-                "the leaf says it is entry {}",
-                leaf_header.index
-            )));
-        }
+        // The chain is checked wherever this line holds the entry right after the last one.
+        let link = match previous {
+            _ if row.index == 0 => Some(GENESIS_LINK),
+            Some((before, link)) if before + 1 == row.index => Some(link),
+            _ => None,
+        };
+        let (leaf_header, _) =
+            check_entry(row.index, &row.leaf, Some(&row.body), link).map_err(line_error)?;
         let hashes = proof.hashes().map_err(line_error)?;
         merkle::verify_inclusion(
             row.index,
@@ -221,13 +218,6 @@ pub fn verify_export(
             checkpoint.root_hash,
         )
         .map_err(|error| line_error(format!("inclusion proof: {error}")))?;
-        let record = LeafRecord::decode(row.leaf.as_slice())
-            .ok()
-            .and_then(|record| record.record)
-            .ok_or_else(|| line_error("the leaf carries no record".to_owned()))?;
-        if let Some(problem) = body_problem(&record, Some(&row.body)) {
-            return Err(line_error(problem.to_owned()));
-        }
         let derived = describe(&row.leaf).map_err(|error| line_error(error.to_string()))?;
         if let Some(at) = (0..COLUMNS.len()).find(|&at| derived[at] != row.columns[at]) {
             return Err(line_error(format!(
@@ -235,17 +225,13 @@ pub fn verify_export(
                 COLUMNS[at], row.columns[at], derived[at]
             )));
         }
-        let expected_prev = match previous {
-            _ if row.index == 0 => Some(GENESIS_PREV_LEAF_HASH),
-            Some((before, hash)) if before + 1 == row.index => Some(hash),
-            _ => None,
-        };
-        if expected_prev.is_some_and(|expected| expected != leaf_header.prev_leaf_hash) {
-            return Err(line_error(
-                "prev_leaf_hash does not chain to the entry before".to_owned(),
-            ));
-        }
-        previous = Some((row.index, leaf_hash));
+        previous = Some((
+            row.index,
+            ChainLink {
+                leaf_hash,
+                recorded_at: leaf_header.recorded_at,
+            },
+        ));
         checked += 1;
         progress(checked, header.entries);
     }
@@ -276,11 +262,12 @@ mod tests {
     use crate::export::manifest::{MANIFEST_FORMAT, ManifestHeader, ManifestWriter, ProofLine};
     use crate::export::{Row, RowWriter};
     use crate::ledger::CheckpointSigner;
-    use crate::ledger::leaf::{LeafHeader, encode_leaf};
+    use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, encode_leaf};
     use crate::ledger::merkle::{MemoryNodes, inclusion_proof, root_hash};
     use crate::ledger::time::Timestamp;
-    use crate::proto::{self, leaf_record};
+    use crate::proto::{self, LeafRecord, leaf_record};
     use ed25519_dalek::SigningKey;
+    use prost::Message;
 
     fn signer() -> CheckpointSigner {
         CheckpointSigner::new("example.com/log", SigningKey::from_bytes(&[3u8; 32])).unwrap()
