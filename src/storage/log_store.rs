@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use super::sled_store::{SledIndex, backend, open_sled};
+use super::sled_store::{SledIndex, backend, keyed, open_sled};
 use super::{
     Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, RawEntries, RawEntry,
     StorageError, Store,
@@ -56,9 +56,7 @@ const FRAME_HEADER: usize = 4 + 8 + 8 + 4 + 4 + 1;
 /// Entry record header: index, frame_start, leaf_len, body_len, nodes.
 const ENTRY_HEADER: usize = 8 + 8 + 4 + 4 + 1;
 
-/// sled keys.
-const IDEMPOTENCY: u8 = b'i';
-const CHECKPOINT: u8 = b'c';
+/// sled keys of its own (idempotency keys and checkpoints are `sled_store::keyed`).
 const APPLIED_KEY: &[u8] = b"m/applied";
 const LAYOUT_KEY: &[u8] = b"m/layout";
 /// Layout 2: entries in `ledger.log` (layout 1 is the all-in-sled [`super::SledStore`]).
@@ -269,20 +267,6 @@ fn read_frame(log: &File, start: u64, log_len: u64) -> Result<Option<Frame>, Sto
     }))
 }
 
-fn prefixed(prefix: u8, rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(1 + rest.len());
-    key.push(prefix);
-    key.extend_from_slice(rest);
-    key
-}
-
-fn checkpoint_key(size: u64) -> [u8; 9] {
-    let mut key = [0u8; 9];
-    key[0] = CHECKPOINT;
-    key[1..].copy_from_slice(&size.to_be_bytes());
-    key
-}
-
 impl LogStore {
     /// Opens (or creates) the store in `dir`: the log and its index are checked and
     /// completed from the log, a torn last frame is cut off, and sled is brought up to the
@@ -469,10 +453,10 @@ impl LogStore {
     ) -> Result<(), StorageError> {
         let mut writes = sled::Batch::default();
         for (key, record) in keys {
-            writes.insert(prefixed(IDEMPOTENCY, key), record.encode().as_slice());
+            keyed::put_idempotency(&mut writes, key, record);
         }
         if let Some((size, note)) = checkpoint {
-            writes.insert(&checkpoint_key(*size), note.as_slice());
+            keyed::put_checkpoint(&mut writes, *size, note);
         }
         writes.insert(APPLIED_KEY, &applied.to_le_bytes());
         self.db.apply_batch(writes).map_err(backend)
@@ -703,38 +687,19 @@ impl Store for LogStore {
     }
 
     fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError> {
-        match self.db.get(prefixed(IDEMPOTENCY, key)).map_err(backend)? {
-            Some(bytes) => IdempotencyRecord::decode(&bytes)
-                .map(Some)
-                .ok_or_else(|| malformed("idempotency record")),
-            None => Ok(None),
-        }
+        keyed::idempotency_record(&self.db, key)
     }
 
     fn idempotency_records(&self) -> IdempotencyRecords<'_> {
-        Box::new(self.db.scan_prefix([IDEMPOTENCY]).map(|item| {
-            let (key, value) = item.map_err(backend)?;
-            let record =
-                IdempotencyRecord::decode(&value).ok_or_else(|| malformed("idempotency record"))?;
-            Ok((key[1..].to_vec(), record))
-        }))
+        keyed::idempotency_records(&self.db)
     }
 
     fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        match self.db.scan_prefix([CHECKPOINT]).next_back() {
-            Some(item) => {
-                let (key, value) = item.map_err(backend)?;
-                Ok(Some((checkpoint_size(&key)?, value.to_vec())))
-            }
-            None => Ok(None),
-        }
+        keyed::latest_checkpoint(&self.db)
     }
 
     fn checkpoints(&self) -> Checkpoints<'_> {
-        Box::new(self.db.scan_prefix([CHECKPOINT]).map(|item| {
-            let (key, value) = item.map_err(backend)?;
-            Ok((checkpoint_size(&key)?, value.to_vec()))
-        }))
+        keyed::checkpoints(&self.db)
     }
 
     fn available_bytes(&self) -> Option<u64> {
@@ -760,13 +725,6 @@ fn encode_len(batch: &CommitBatch) -> usize {
             .as_ref()
             .map_or(0, |(_, note)| 12 + note.len())
         + HASH_SIZE
-}
-
-fn checkpoint_size(key: &[u8]) -> Result<u64, StorageError> {
-    key.get(1..9)
-        .and_then(|bytes| bytes.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| malformed(format!("checkpoint key {key:02x?}")))
 }
 
 /// A read-ahead window over the log for sequential scans (`verify`).

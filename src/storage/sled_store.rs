@@ -243,10 +243,10 @@ impl Store for SledStore {
             writes.insert(&indexed_key(BODY, entry.index), entry.body.as_slice());
         }
         for (key, record) in &batch.idempotency {
-            writes.insert(idempotency_key(key), record.encode().as_slice());
+            keyed::put_idempotency(&mut writes, key, record);
         }
         if let Some((size, note)) = &batch.checkpoint {
-            writes.insert(&checkpoint_key(*size), note.as_slice());
+            keyed::put_checkpoint(&mut writes, *size, note);
         }
         self.db.apply_batch(writes).map_err(backend)?;
         self.db.flush().map_err(backend)?;
@@ -322,7 +322,47 @@ impl Store for SledStore {
     }
 
     fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError> {
-        match self.db.get(idempotency_key(key)).map_err(backend)? {
+        keyed::idempotency_record(&self.db, key)
+    }
+
+    fn idempotency_records(&self) -> IdempotencyRecords<'_> {
+        keyed::idempotency_records(&self.db)
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        keyed::latest_checkpoint(&self.db)
+    }
+
+    fn available_bytes(&self) -> Option<u64> {
+        fs2::available_space(&self.dir).ok()
+    }
+
+    fn checkpoints(&self) -> Checkpoints<'_> {
+        keyed::checkpoints(&self.db)
+    }
+}
+
+/// Idempotency keys and checkpoints as both backends keep them in sled (the log store keeps
+/// nothing else in its main sled database).
+pub(super) mod keyed {
+    use super::{
+        CHECKPOINT, Checkpoints, IDEMPOTENCY, IdempotencyRecord, IdempotencyRecords, StorageError,
+        backend, checkpoint_key, idempotency_key, index_of,
+    };
+
+    pub fn put_idempotency(batch: &mut sled::Batch, key: &[u8], record: &IdempotencyRecord) {
+        batch.insert(idempotency_key(key), record.encode().as_slice());
+    }
+
+    pub fn put_checkpoint(batch: &mut sled::Batch, size: u64, note: &[u8]) {
+        batch.insert(&checkpoint_key(size), note);
+    }
+
+    pub fn idempotency_record(
+        db: &sled::Db,
+        key: &[u8],
+    ) -> Result<Option<IdempotencyRecord>, StorageError> {
+        match db.get(idempotency_key(key)).map_err(backend)? {
             Some(bytes) => IdempotencyRecord::decode(&bytes)
                 .map(Some)
                 .ok_or_else(|| StorageError::Malformed("idempotency record".into())),
@@ -330,8 +370,8 @@ impl Store for SledStore {
         }
     }
 
-    fn idempotency_records(&self) -> IdempotencyRecords<'_> {
-        Box::new(self.db.scan_prefix([IDEMPOTENCY]).map(|item| {
+    pub fn idempotency_records(db: &sled::Db) -> IdempotencyRecords<'_> {
+        Box::new(db.scan_prefix([IDEMPOTENCY]).map(|item| {
             let (key, value) = item.map_err(backend)?;
             let record = IdempotencyRecord::decode(&value)
                 .ok_or_else(|| StorageError::Malformed("idempotency record".into()))?;
@@ -339,8 +379,8 @@ impl Store for SledStore {
         }))
     }
 
-    fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        match self.db.scan_prefix([CHECKPOINT]).next_back() {
+    pub fn latest_checkpoint(db: &sled::Db) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        match db.scan_prefix([CHECKPOINT]).next_back() {
             Some(item) => {
                 let (key, value) = item.map_err(backend)?;
                 Ok(Some((index_of(&key)?, value.to_vec())))
@@ -349,12 +389,8 @@ impl Store for SledStore {
         }
     }
 
-    fn available_bytes(&self) -> Option<u64> {
-        fs2::available_space(&self.dir).ok()
-    }
-
-    fn checkpoints(&self) -> Checkpoints<'_> {
-        Box::new(self.db.scan_prefix([CHECKPOINT]).map(|item| {
+    pub fn checkpoints(db: &sled::Db) -> Checkpoints<'_> {
+        Box::new(db.scan_prefix([CHECKPOINT]).map(|item| {
             let (key, value) = item.map_err(backend)?;
             Ok((index_of(&key)?, value.to_vec()))
         }))
