@@ -108,7 +108,7 @@ impl Server {
             config.storage,
             config.cache_bytes,
         )?;
-        let index: Arc<dyn IndexStore> = Arc::new(opened.index);
+        let index: Arc<dyn IndexStore> = opened.index;
         let access = AccessLog::open(Arc::new(opened.access))?;
         let token_secret = signer.secret_bytes();
         let (indexer, progress) = ComplianceIndexer::new(index.clone(), opened.store.clone());
@@ -285,7 +285,7 @@ pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64,
     )?;
     let index = opened.index;
     index.clear()?;
-    let (indexer, progress) = ComplianceIndexer::new(Arc::new(index), opened.store.clone());
+    let (indexer, progress) = ComplianceIndexer::new(index, opened.store.clone());
     let ledger = Ledger::open(
         opened.store,
         signer,

@@ -837,7 +837,6 @@ async fn reindex_gives_identical_answers() {
 
     // Damage the derived indexes behind the server's back: c-alpha's facts vanish.
     {
-        use audit_ledger::storage::IndexStore;
         let store = common::open_any_store(&dir.path().join(audit_ledger::server::STORE_DIR_NAME));
         let index = store.index;
         let prefix = audit_ledger::compliance::index::list_prefix(b'F', b'c', "c-alpha");

@@ -1,10 +1,13 @@
 //! The log [`Store`]: every group commit is one frame appended to an append-only file,
-//! `ledger.log`, made durable by one `fdatasync`; sled, beside it, keeps the keyed data
-//! (idempotency keys, checkpoints by size) and the derived indexes, without flushing.
+//! `ledger.log`, made durable by one `fdatasync`. Everything else is derived from the log
+//! and written without syncing: sled keeps the checkpoints by size; the idempotency keys
+//! and the compliance indexes are [`RunIndex`]es (sorted run files), which take a key for
+//! the price of a `BTreeMap` insert where sled took a page-cache walk and a node copy.
 //!
 //! Why: a sled flush costs 1–2 ms and sled's own ceiling on this machine is 31,600 entries/s
 //! for the all-in-sled layout (docs/BENCHMARKS.md); one sequential write and one
-//! `fdatasync` per group is what the disk can do.
+//! `fdatasync` per group is what the disk can do. With five derived keys per entry in
+//! sled, sled's inserts were then the ceiling again (third pass); hence the run indexes.
 //!
 //! # Files
 //! - `ledger.log`: frames, back to back. A frame holds everything a [`CommitBatch`] holds:
@@ -22,9 +25,15 @@
 //! - `ledger.idx`: the offset of entry `i`'s record at byte `8 i`. Derived from the log:
 //!   written after the log's `fdatasync`, never synced itself, checked and completed from
 //!   the log at every open.
-//! - sled: idempotency keys and checkpoints, applied from each frame right after it is
-//!   durable, unflushed (sled flushes in the background), with the log offset they cover
-//!   (`m/applied`) in the same atomic batch; at open, frames past it are applied again.
+//! - sled: checkpoints, applied from each frame right after it is durable, unflushed (sled
+//!   flushes in the background), with the log offset they cover (`m/applied`) in the same
+//!   atomic batch; at open, frames past it are applied again.
+//! - `keys/`: the idempotency keys (`i` ‖ key → record) as a [`RunIndex`], applied from
+//!   each frame with the log offset they cover (`m/applied`) in the same `apply`; a crash
+//!   keeps a prefix of those applies, so at open the frames past its `m/applied` are
+//!   applied again before anything is appended.
+//! - `index/`: the compliance indexes ([`crate::compliance::index`]), a [`RunIndex`];
+//!   `derived/`: a sled database for the access log.
 //!
 //! So an acknowledged group is durable once, in one file, and everything else is rebuilt
 //! from that file.
@@ -32,23 +41,31 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use super::run_index::{RunIndex, RunOptions};
 use super::sled_store::{SledIndex, backend, keyed, open_sled};
 use super::{
-    Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, RawEntries, RawEntry,
-    StorageError, Store,
+    Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, IndexStore, RawEntries,
+    RawEntry, StorageError, Store,
 };
 use crate::ledger::merkle::{HASH_SIZE, Hash};
 
 /// File names inside the store directory.
 pub const LOG_FILE: &str = "ledger.log";
 pub const INDEX_FILE: &str = "ledger.idx";
-/// The sled database of derived indexes and the access log, inside the store directory.
+/// The sled database of the access log, inside the store directory.
 pub const DERIVED_DIR: &str = "derived";
+/// The idempotency keys' run index, inside the store directory.
+pub const KEYS_DIR: &str = "keys";
+/// The compliance indexes' run index, inside the store directory.
+pub const INDEX_DIR: &str = "index";
+
+/// Prefix of an idempotency key in `keys/`; its watermark is [`APPLIED_KEY`] there too.
+const KEY_PREFIX: u8 = b'i';
 
 const MAGIC: &[u8; 4] = b"ALF1";
 /// Frame header: magic, frame_len, first_index, entries, keys, has_checkpoint.
@@ -77,8 +94,10 @@ pub struct EntryRanges {
 struct Tail {
     /// End of the last durable frame.
     log_end: u64,
-    /// Log offset up to which frames are applied to sled.
+    /// Log offset up to which frames are applied to sled (checkpoints).
     applied: u64,
+    /// Log offset up to which frames' idempotency keys are in `keys`.
+    keys_applied: u64,
     /// Size of the last checkpoint in the log (to recognise a retried batch).
     last_checkpoint: Option<u64>,
     /// Entries in durable frames (readers see `LogStore::entries`, raised once their
@@ -91,9 +110,12 @@ struct Tail {
 
 pub struct LogStore {
     db: sled::Db,
-    /// A second sled database for the derived indexes and the access log, so that the
-    /// communication indexer's inserts do not contend with the writer's in one page cache.
+    /// A second sled database for the access log.
     derived: sled::Db,
+    /// Idempotency keys, derived from the frames.
+    keys: RunIndex,
+    /// The compliance indexes (written by their owner, `compliance::index`).
+    index: Arc<RunIndex>,
     dir: PathBuf,
     log: File,
     idx: File,
@@ -273,7 +295,16 @@ impl LogStore {
     /// log's end.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
         let db = open_sled(dir, cache_bytes / 2, Some(1000))?;
-        let derived = open_sled(&dir.join(DERIVED_DIR), cache_bytes / 2, Some(1000))?;
+        let derived = open_sled(&dir.join(DERIVED_DIR), cache_bytes / 4, Some(1000))?;
+        let keys = RunIndex::open(&dir.join(KEYS_DIR), RunOptions::default())?;
+        // Lists are read by range; the one point read (`m/indexed`) needs no filter.
+        let index = Arc::new(RunIndex::open(
+            &dir.join(INDEX_DIR),
+            RunOptions {
+                bloom_bits_per_key: 0,
+                ..RunOptions::default()
+            },
+        )?);
         match db.get(LAYOUT_KEY).map_err(backend)? {
             Some(version) if version.as_ref() == LAYOUT_VERSION => {}
             Some(version) => {
@@ -299,18 +330,13 @@ impl LogStore {
         };
         let log = open(LOG_FILE)?;
         let idx = open(INDEX_FILE)?;
-        let applied = match db.get(APPLIED_KEY).map_err(backend)? {
-            Some(bytes) => u64::from_le_bytes(
-                bytes
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| malformed("m/applied"))?,
-            ),
-            None => 0,
-        };
+        let applied = read_applied(db.get(APPLIED_KEY).map_err(backend)?.map(|v| v.to_vec()))?;
+        let keys_applied = read_applied(keys.get(APPLIED_KEY)?)?;
         let store = LogStore {
             db,
             derived,
+            keys,
+            index,
             dir: dir.to_owned(),
             log,
             idx,
@@ -319,6 +345,7 @@ impl LogStore {
             tail: Mutex::new(Tail {
                 log_end: 0,
                 applied,
+                keys_applied,
                 last_checkpoint: None,
                 in_log: 0,
                 unindexed: None,
@@ -328,9 +355,9 @@ impl LogStore {
         Ok(store)
     }
 
-    /// The derived-index space (sled tree), as [`super::SledStore::index`].
-    pub fn index(&self) -> Result<SledIndex, StorageError> {
-        SledIndex::open(&self.derived, super::sled_store::INDEX_TREE)
+    /// The derived-index space (a [`RunIndex`]).
+    pub fn index(&self) -> Arc<dyn IndexStore> {
+        self.index.clone()
     }
 
     /// The access log's space (sled tree).
@@ -403,12 +430,12 @@ impl LogStore {
             }
             at = frame.start + frame.len;
         }
-        if tail.applied > at {
+        if tail.applied.max(tail.keys_applied) > at {
             // sled holds what a frame beyond the intact log said: the log was cut or altered
             // after that frame was durable. Refuse, and change nothing.
             return Err(malformed(format!(
                 "the log is intact only up to byte {at}, but frames up to byte {} were written and applied: the log was truncated or altered",
-                tail.applied
+                tail.applied.max(tail.keys_applied)
             )));
         }
         if at < log_len {
@@ -430,36 +457,57 @@ impl LogStore {
         Ok(())
     }
 
-    /// Applies the frames from `tail.applied` to `tail.log_end` to sled.
+    /// Applies the frames from where sled and the keys stop to `tail.log_end`.
     fn apply_from(&self, tail: &mut Tail) -> Result<(), StorageError> {
-        while tail.applied < tail.log_end {
-            let frame = read_frame(&self.log, tail.applied, tail.log_end)?
-                .ok_or_else(|| malformed(format!("log frame at {} is not intact", tail.applied)))?;
+        let mut at = tail.applied.min(tail.keys_applied);
+        while at < tail.log_end {
+            let frame = read_frame(&self.log, at, tail.log_end)?
+                .ok_or_else(|| malformed(format!("log frame at {at} is not intact")))?;
             self.apply(
+                tail,
                 &frame.keys,
                 frame.checkpoint.as_ref(),
-                frame.start + frame.len,
+                frame.start,
+                frame.len,
             )?;
-            tail.applied = frame.start + frame.len;
+            at = frame.start + frame.len;
         }
         Ok(())
     }
 
+    /// Applies the frame at `start` (its keys and checkpoint) to whichever of sled and the
+    /// keys has not had it yet.
     fn apply(
         &self,
+        tail: &mut Tail,
         keys: &[(Vec<u8>, IdempotencyRecord)],
         checkpoint: Option<&(u64, Vec<u8>)>,
-        applied: u64,
+        start: u64,
+        len: u64,
     ) -> Result<(), StorageError> {
-        let mut writes = sled::Batch::default();
-        for (key, record) in keys {
-            keyed::put_idempotency(&mut writes, key, record);
+        let end = start + len;
+        if tail.keys_applied <= start {
+            let mut writes = Vec::with_capacity(keys.len() + 1);
+            for (key, record) in keys {
+                let mut stored = Vec::with_capacity(1 + key.len());
+                stored.push(KEY_PREFIX);
+                stored.extend_from_slice(key);
+                writes.push((stored, Some(record.encode().to_vec())));
+            }
+            writes.push((APPLIED_KEY.to_vec(), Some(end.to_le_bytes().to_vec())));
+            self.keys.apply(writes)?;
+            tail.keys_applied = end;
         }
-        if let Some((size, note)) = checkpoint {
-            keyed::put_checkpoint(&mut writes, *size, note);
+        if tail.applied <= start {
+            let mut writes = sled::Batch::default();
+            if let Some((size, note)) = checkpoint {
+                keyed::put_checkpoint(&mut writes, *size, note);
+            }
+            writes.insert(APPLIED_KEY, &end.to_le_bytes());
+            self.db.apply_batch(writes).map_err(backend)?;
+            tail.applied = end;
         }
-        writes.insert(APPLIED_KEY, &applied.to_le_bytes());
-        self.db.apply_batch(writes).map_err(backend)
+        Ok(())
     }
 
     /// The parts' lengths (nodes bytes, leaf, body) of the record whose header is
@@ -551,10 +599,12 @@ impl LogStore {
         }))
     }
 
-    /// Bytes the store occupies on disk: the log, its index and sled.
+    /// Bytes the store occupies on disk: the log, its index, the run indexes and sled.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
         Ok(self.db.size_on_disk().map_err(backend)?
             + self.derived.size_on_disk().map_err(backend)?
+            + self.keys.size_on_disk()
+            + self.index.size_on_disk()
             + self.log.metadata().map_err(io)?.len()
             + self.idx.metadata().map_err(io)?.len())
     }
@@ -572,8 +622,21 @@ impl Drop for LogStore {
             tracing::warn!(%error, "sled flush at close failed; the next open re-applies the log");
         }
         if let Err(error) = self.derived.flush() {
-            tracing::warn!(%error, "sled flush of the indexes at close failed; the next open re-indexes");
+            tracing::warn!(%error, "sled flush of the access log at close failed");
         }
+    }
+}
+
+/// A stored `m/applied` (little-endian u64), 0 when there is none.
+fn read_applied(bytes: Option<Vec<u8>>) -> Result<u64, StorageError> {
+    match bytes {
+        Some(bytes) => Ok(u64::from_le_bytes(
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| malformed("m/applied"))?,
+        )),
+        None => Ok(0),
     }
 }
 
@@ -634,13 +697,19 @@ impl Store for LogStore {
             }
             self.entries.store(tail.in_log, Ordering::Release);
         }
-        // Frames not yet in sled (this one, or one whose application failed before).
-        if tail.applied < tail.log_end {
-            let end = tail.log_end;
+        // Frames not yet applied (this one, or one whose application failed before).
+        let behind = tail.applied.min(tail.keys_applied);
+        if behind < tail.log_end {
+            let len = encode_len(batch) as u64;
             // Usually only this batch's frame is unapplied: apply it from memory.
-            if tail.applied + encode_len(batch) as u64 == end {
-                self.apply(&batch.idempotency, batch.checkpoint.as_ref(), end)?;
-                tail.applied = end;
+            if behind + len == tail.log_end {
+                self.apply(
+                    &mut tail,
+                    &batch.idempotency,
+                    batch.checkpoint.as_ref(),
+                    behind,
+                    len,
+                )?;
             } else {
                 self.apply_from(&mut tail)?;
             }
@@ -687,11 +756,28 @@ impl Store for LogStore {
     }
 
     fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError> {
-        keyed::idempotency_record(&self.db, key)
+        let mut stored = Vec::with_capacity(1 + key.len());
+        stored.push(KEY_PREFIX);
+        stored.extend_from_slice(key);
+        match self.keys.get(&stored)? {
+            Some(bytes) => IdempotencyRecord::decode(&bytes)
+                .map(Some)
+                .ok_or_else(|| malformed("idempotency record")),
+            None => Ok(None),
+        }
     }
 
     fn idempotency_records(&self) -> IdempotencyRecords<'_> {
-        keyed::idempotency_records(&self.db)
+        Box::new(
+            self.keys
+                .scan_from(vec![KEY_PREFIX], vec![KEY_PREFIX + 1])
+                .map(|item| {
+                    let (key, value) = item?;
+                    let record = IdempotencyRecord::decode(&value)
+                        .ok_or_else(|| malformed("idempotency record"))?;
+                    Ok((key[1..].to_vec(), record))
+                }),
+        )
     }
 
     fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
@@ -931,6 +1017,36 @@ mod tests {
         let store = open(dir.path());
         assert_holds(&store, 7);
         assert_eq!(store.checkpoints().count(), 3);
+    }
+
+    #[test]
+    fn idempotency_keys_lost_or_behind_are_rebuilt_from_the_log_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path()));
+        // All of them gone (a copied log, or a crash before any run was written).
+        std::fs::remove_dir_all(dir.path().join(KEYS_DIR)).unwrap();
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        // Behind: the keys' watermark back at the second frame (as a crash can leave it),
+        // with that frame's keys missing; the open applies the frames after it again.
+        let second_frame = {
+            let frame = read_frame(&store.log, 0, u64::MAX).unwrap().unwrap();
+            frame.start + frame.len
+        };
+        let mut writes = vec![(
+            APPLIED_KEY.to_vec(),
+            Some(second_frame.to_le_bytes().to_vec()),
+        )];
+        for index in 0..7u64 {
+            let mut key = vec![KEY_PREFIX];
+            key.extend_from_slice(format!("key {index}").as_bytes());
+            writes.push((key, None));
+        }
+        store.keys.apply(writes).unwrap();
+        assert_eq!(store.idempotency_record(b"key 5").unwrap(), None);
+        drop(store);
+        let store = open(dir.path());
+        assert_holds(&store, 7);
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! exactly the same bytes and a ledger verifies the same way whatever it is stored in.
 
 pub mod log_store;
+pub mod run_index;
 pub mod sled_store;
 
 pub use log_store::LogStore;
+pub use run_index::{RunIndex, RunOptions};
 pub use sled_store::{SledIndex, SledStore};
 
 use std::path::Path;
@@ -39,10 +41,10 @@ impl std::str::FromStr for StorageKind {
     }
 }
 
-/// An opened store with its sled trees for derived indexes and the access log.
+/// An opened store with its space for derived indexes and the access log's sled tree.
 pub struct OpenedStore {
     pub store: Arc<dyn Store>,
-    pub index: SledIndex,
+    pub index: Arc<dyn IndexStore>,
     pub access: SledIndex,
     pub kind: StorageKind,
 }
@@ -65,7 +67,7 @@ pub fn open_store(
         StorageKind::Sled => {
             let store = SledStore::open(dir, cache_bytes)?;
             OpenedStore {
-                index: store.index()?,
+                index: Arc::new(store.index()?),
                 access: store.access_log()?,
                 store: Arc::new(store),
                 kind,
@@ -74,7 +76,7 @@ pub fn open_store(
         StorageKind::Log => {
             let store = LogStore::open(dir, cache_bytes)?;
             OpenedStore {
-                index: store.index()?,
+                index: store.index(),
                 access: store.access_log()?,
                 store: Arc::new(store),
                 kind,

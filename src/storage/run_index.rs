@@ -1,0 +1,1281 @@
+//! [`RunIndex`]: an ordered key-value space for *derived* data (idempotency keys, the
+//! compliance lists), kept as an in-memory table plus immutable sorted run files that a
+//! background thread merges — a log-structured merge tree without a write-ahead log,
+//! because everything in it can be re-derived from the ledger.
+//!
+//! Why not sled for this: sled inserts cost a page-cache lookup and a node copy per key
+//! (≈ 90,000 keys/s on one core here) and keep per-key state in memory, and the ledger
+//! writes five derived keys per entry; that was the ceiling of every write scenario and
+//! most of the memory and disk (docs/BENCHMARKS.md, third pass). Here a write is a
+//! `BTreeMap` insert, and the disk sees large sequential writes only.
+//!
+//! # What survives a crash
+//! `apply` writes into the active in-memory table; a full table is frozen and written out
+//! as a run by the flusher thread, oldest first, and a run counts only once the manifest
+//! names it. So after a crash the store holds exactly the writes of a *prefix* of the
+//! `apply` calls: never a later one without every earlier one. An owner that keeps its
+//! watermark ("derived up to here") in the same `apply` as the data it covers therefore
+//! knows, after any crash, where to start deriving again. A clean close writes every
+//! table out.
+//!
+//! # Files (in the index's own directory)
+//! - `MANIFEST`: magic `ARM1`, count u32, the live runs' sequence numbers (u64) newest
+//!   first, xxh3-64 of all that. Replaced atomically: written beside, synced, renamed, the
+//!   directory synced.
+//! - `<seq>.run`: blocks of entries in key order, `key_len u16 | value_len u32 | key |
+//!   value` (`value_len` = `u32::MAX`: the key was removed), each block followed by its
+//!   xxh3-64; then the block index (`offset u64 | len u32 | first_key_len u16 |
+//!   first_key` per block), the Bloom filter's words, and a footer: `index_offset u64 |
+//!   index_len u64 | bloom_offset u64 | bloom_len u64 | bloom_hashes u32 | entries u64 |
+//!   xxh3-64 of index, filter and the footer before it | magic "ARUN0001"`. Integers are
+//!   little-endian. Files the manifest does not name are leftovers of an interrupted
+//!   write or merge and are removed at open.
+//!
+//! Newest wins: a key is looked up in the active table, then the frozen ones, then the
+//! runs from newest to oldest. Merges combine runs adjacent in age, so that order holds.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{IndexStore, KeyValue, StorageError};
+
+const MANIFEST: &str = "MANIFEST";
+const MANIFEST_MAGIC: &[u8; 4] = b"ARM1";
+const RUN_MAGIC: &[u8; 8] = b"ARUN0001";
+const FOOTER_LEN: usize = 8 * 4 + 4 + 8 + 8 + 8;
+/// A block is closed once it holds this many bytes: one `pread` per block read.
+const BLOCK_BYTES: usize = 4096;
+/// `value_len` of a removed key.
+const REMOVED: u32 = u32::MAX;
+/// What one table entry costs beyond its key and value (tree node share, two vectors).
+const ENTRY_OVERHEAD: usize = 64;
+/// Entries a range cursor takes from an in-memory table per lock.
+const CURSOR_CHUNK: usize = 256;
+
+/// Sizes of a [`RunIndex`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Bytes (keys, values and overhead) the active table takes before it is frozen and
+    /// written out as a run.
+    pub memtable_bytes: usize,
+    /// Frozen tables waiting to be written before `apply` waits for the flusher: with
+    /// `memtable_bytes`, the bound on this index's memory.
+    pub max_frozen: usize,
+    /// Bloom filter bits per key in each run (0: no filter; a point read then reads one
+    /// block of every run). About 1 % false positives at 10.
+    pub bloom_bits_per_key: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            memtable_bytes: 8 << 20,
+            max_frozen: 2,
+            bloom_bits_per_key: 10,
+        }
+    }
+}
+
+/// A value as the index holds it: `None` is a removed key (hides older runs' value).
+type Stored = Option<Vec<u8>>;
+
+fn malformed(text: impl Into<String>) -> StorageError {
+    StorageError::Malformed(text.into())
+}
+
+fn io(error: std::io::Error) -> StorageError {
+    if error.raw_os_error() == Some(28) {
+        StorageError::NoSpace(error.to_string())
+    } else {
+        StorageError::Backend(error.to_string())
+    }
+}
+
+#[derive(Default)]
+struct Memtable {
+    map: RwLock<BTreeMap<Vec<u8>, Stored>>,
+    bytes: AtomicUsize,
+}
+
+impl Memtable {
+    fn is_empty(&self) -> bool {
+        self.map.read().expect("memtable lock").is_empty()
+    }
+}
+
+/// Where one block lies and the key it starts with.
+struct BlockRef {
+    first_key: Vec<u8>,
+    offset: u64,
+    len: u32,
+}
+
+/// Kirsch–Mitzenmacher double hashing over one xxh3-64 (stable by specification, so a
+/// filter written by one build is read correctly by the next).
+struct Bloom {
+    words: Vec<u64>,
+    hashes: u32,
+}
+
+impl Bloom {
+    fn new(keys: usize, bits_per_key: usize) -> Self {
+        let bits = (keys.max(1) * bits_per_key).max(64);
+        let hashes = ((bits_per_key as f64 * 0.69).round() as u32).clamp(1, 16);
+        Bloom {
+            words: vec![0; bits.div_ceil(64)],
+            hashes,
+        }
+    }
+
+    fn positions(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
+        let hash = xxh3_64(key);
+        let (first, step) = (hash as u32, (hash >> 32) as u32 | 1);
+        let bits = self.words.len() * 64;
+        (0..self.hashes).map(move |i| first.wrapping_add(i.wrapping_mul(step)) as usize % bits)
+    }
+
+    fn insert(&mut self, key: &[u8]) {
+        let positions: Vec<usize> = self.positions(key).collect();
+        for bit in positions {
+            self.words[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    fn may_hold(&self, key: &[u8]) -> bool {
+        self.positions(key)
+            .all(|bit| self.words[bit / 64] & (1 << (bit % 64)) != 0)
+    }
+}
+
+/// One immutable run file, open. Its file stays readable by whoever holds it even after a
+/// merge has replaced and removed it.
+struct Run {
+    seq: u64,
+    path: PathBuf,
+    file: File,
+    blocks: Vec<BlockRef>,
+    bloom: Option<Bloom>,
+    entries: u64,
+    bytes: u64,
+}
+
+fn run_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.run"))
+}
+
+impl Run {
+    /// The block that would hold `key`, if any block could.
+    fn block_for(&self, key: &[u8]) -> Option<usize> {
+        self.blocks
+            .partition_point(|block| block.first_key.as_slice() <= key)
+            .checked_sub(1)
+    }
+
+    /// The entries of block `n`, checked against its checksum.
+    fn read_block(&self, n: usize) -> Result<Vec<(Vec<u8>, Stored)>, StorageError> {
+        let block = &self.blocks[n];
+        let mut bytes = vec![0u8; block.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, block.offset)
+            .map_err(io)?;
+        let bad = |what: &str| {
+            malformed(format!(
+                "index run {} block at {}: {what}",
+                self.path.display(),
+                block.offset
+            ))
+        };
+        let body = bytes.len().checked_sub(8).ok_or_else(|| bad("too short"))?;
+        if xxh3_64(&bytes[..body]).to_le_bytes() != bytes[body..] {
+            return Err(bad("checksum does not match"));
+        }
+        let mut entries = Vec::new();
+        let mut at = 0;
+        while at < body {
+            if at + 6 > body {
+                return Err(bad("entry header runs past the block"));
+            }
+            let key_len = u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+            let value_len = u32::from_le_bytes(bytes[at + 2..at + 6].try_into().expect("4"));
+            at += 6;
+            let value_bytes = if value_len == REMOVED {
+                0
+            } else {
+                value_len as usize
+            };
+            if at + key_len + value_bytes > body {
+                return Err(bad("entry runs past the block"));
+            }
+            let key = bytes[at..at + key_len].to_vec();
+            at += key_len;
+            let value = (value_len != REMOVED).then(|| bytes[at..at + value_bytes].to_vec());
+            at += value_bytes;
+            entries.push((key, value));
+        }
+        Ok(entries)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Stored>, StorageError> {
+        if self
+            .bloom
+            .as_ref()
+            .is_some_and(|bloom| !bloom.may_hold(key))
+        {
+            return Ok(None);
+        }
+        let Some(n) = self.block_for(key) else {
+            return Ok(None);
+        };
+        let entries = self.read_block(n)?;
+        Ok(entries
+            .binary_search_by(|(candidate, _)| candidate.as_slice().cmp(key))
+            .ok()
+            .map(|at| entries[at].1.clone()))
+    }
+
+    /// Opens the run file `seq` in `dir`, reading its block index and filter.
+    fn open(dir: &Path, seq: u64) -> Result<Self, StorageError> {
+        let path = run_path(dir, seq);
+        let file = File::open(&path).map_err(io)?;
+        let bytes = file.metadata().map_err(io)?.len();
+        let bad = |what: &str| malformed(format!("index run {}: {what}", path.display()));
+        if bytes < FOOTER_LEN as u64 {
+            return Err(bad("shorter than its footer"));
+        }
+        let mut footer = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut footer, bytes - FOOTER_LEN as u64)
+            .map_err(io)?;
+        if &footer[FOOTER_LEN - 8..] != RUN_MAGIC {
+            return Err(bad("no run footer"));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(footer[at..at + 8].try_into().expect("8"));
+        let (index_offset, index_len) = (u64_at(0), u64_at(8));
+        let (bloom_offset, bloom_len) = (u64_at(16), u64_at(24));
+        let hashes = u32::from_le_bytes(footer[32..36].try_into().expect("4"));
+        let entries = u64_at(36);
+        let meta_end = bytes - FOOTER_LEN as u64;
+        if index_offset.checked_add(index_len) != Some(bloom_offset)
+            || bloom_offset.checked_add(bloom_len) != Some(meta_end)
+            || bloom_len % 8 != 0
+        {
+            return Err(bad("footer does not describe the file"));
+        }
+        let mut meta = vec![0u8; (index_len + bloom_len) as usize];
+        file.read_exact_at(&mut meta, index_offset).map_err(io)?;
+        let mut summed = meta.clone();
+        summed.extend_from_slice(&footer[..44]);
+        if xxh3_64(&summed).to_le_bytes() != footer[44..52] {
+            return Err(bad("block index checksum does not match"));
+        }
+        let mut blocks = Vec::new();
+        let mut at = 0;
+        let index = &meta[..index_len as usize];
+        while at < index.len() {
+            if at + 14 > index.len() {
+                return Err(bad("block index entry cut short"));
+            }
+            let offset = u64::from_le_bytes(index[at..at + 8].try_into().expect("8"));
+            let len = u32::from_le_bytes(index[at + 8..at + 12].try_into().expect("4"));
+            let key_len = u16::from_le_bytes([index[at + 12], index[at + 13]]) as usize;
+            at += 14;
+            if at + key_len > index.len() || offset + u64::from(len) > index_offset {
+                return Err(bad("block index entry out of place"));
+            }
+            blocks.push(BlockRef {
+                first_key: index[at..at + key_len].to_vec(),
+                offset,
+                len,
+            });
+            at += key_len;
+        }
+        let bloom = (bloom_len > 0).then(|| Bloom {
+            words: meta[index_len as usize..]
+                .chunks_exact(8)
+                .map(|word| u64::from_le_bytes(word.try_into().expect("8")))
+                .collect(),
+            hashes,
+        });
+        Ok(Run {
+            seq,
+            path,
+            file,
+            blocks,
+            bloom,
+            entries,
+            bytes,
+        })
+    }
+}
+
+/// Writes a run file from entries in ascending key order, synced before it returns.
+struct RunWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    written: u64,
+    block: Vec<u8>,
+    block_first: Option<Vec<u8>>,
+    blocks: Vec<BlockRef>,
+    bloom: Option<Bloom>,
+    entries: u64,
+}
+
+impl RunWriter {
+    fn create(
+        dir: &Path,
+        seq: u64,
+        expected_keys: usize,
+        bits_per_key: usize,
+    ) -> Result<Self, StorageError> {
+        let path = run_path(dir, seq);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        Ok(RunWriter {
+            path,
+            out: BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+            block: Vec::with_capacity(BLOCK_BYTES + 512),
+            block_first: None,
+            blocks: Vec::new(),
+            bloom: (bits_per_key > 0).then(|| Bloom::new(expected_keys, bits_per_key)),
+            entries: 0,
+        })
+    }
+
+    fn push(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StorageError> {
+        if key.len() > u16::MAX as usize || value.is_some_and(|v| v.len() >= REMOVED as usize) {
+            return Err(malformed("index key or value too large"));
+        }
+        if self.block_first.is_none() {
+            self.block_first = Some(key.to_vec());
+        }
+        self.block
+            .extend_from_slice(&(key.len() as u16).to_le_bytes());
+        let value_len = value.map_or(REMOVED, |v| v.len() as u32);
+        self.block.extend_from_slice(&value_len.to_le_bytes());
+        self.block.extend_from_slice(key);
+        if let Some(value) = value {
+            self.block.extend_from_slice(value);
+        }
+        if let Some(bloom) = &mut self.bloom {
+            bloom.insert(key);
+        }
+        self.entries += 1;
+        if self.block.len() >= BLOCK_BYTES {
+            self.end_block()?;
+        }
+        Ok(())
+    }
+
+    fn end_block(&mut self) -> Result<(), StorageError> {
+        let Some(first_key) = self.block_first.take() else {
+            return Ok(());
+        };
+        let checksum = xxh3_64(&self.block);
+        self.block.extend_from_slice(&checksum.to_le_bytes());
+        self.out.write_all(&self.block).map_err(io)?;
+        self.blocks.push(BlockRef {
+            first_key,
+            offset: self.written,
+            len: self.block.len() as u32,
+        });
+        self.written += self.block.len() as u64;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Ends the file and syncs it; the run, open for reading.
+    fn finish(mut self, seq: u64) -> Result<Run, StorageError> {
+        self.end_block()?;
+        let mut meta = Vec::new();
+        for block in &self.blocks {
+            meta.extend_from_slice(&block.offset.to_le_bytes());
+            meta.extend_from_slice(&block.len.to_le_bytes());
+            meta.extend_from_slice(&(block.first_key.len() as u16).to_le_bytes());
+            meta.extend_from_slice(&block.first_key);
+        }
+        let index_len = meta.len() as u64;
+        let (hashes, bloom_len) = match &self.bloom {
+            Some(bloom) => {
+                for word in &bloom.words {
+                    meta.extend_from_slice(&word.to_le_bytes());
+                }
+                (bloom.hashes, bloom.words.len() as u64 * 8)
+            }
+            None => (0, 0),
+        };
+        let mut footer = Vec::with_capacity(FOOTER_LEN);
+        footer.extend_from_slice(&self.written.to_le_bytes());
+        footer.extend_from_slice(&index_len.to_le_bytes());
+        footer.extend_from_slice(&(self.written + index_len).to_le_bytes());
+        footer.extend_from_slice(&bloom_len.to_le_bytes());
+        footer.extend_from_slice(&hashes.to_le_bytes());
+        footer.extend_from_slice(&self.entries.to_le_bytes());
+        let mut summed = meta.clone();
+        summed.extend_from_slice(&footer);
+        footer.extend_from_slice(&xxh3_64(&summed).to_le_bytes());
+        footer.extend_from_slice(RUN_MAGIC);
+        self.out.write_all(&meta).map_err(io)?;
+        self.out.write_all(&footer).map_err(io)?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|error| io(error.into_error()))?;
+        file.sync_all().map_err(io)?;
+        let bytes = self.written + meta.len() as u64 + footer.len() as u64;
+        Ok(Run {
+            seq,
+            file: File::open(&self.path).map_err(io)?,
+            path: self.path,
+            blocks: self.blocks,
+            bloom: self.bloom,
+            entries: self.entries,
+            bytes,
+        })
+    }
+}
+
+/// What readers see: the tables and runs, newest first. Readers clone it (a few `Arc`s)
+/// and read without any lock held.
+#[derive(Clone)]
+struct Version {
+    /// `[0]` is the active table; the others are frozen, waiting for the flusher.
+    memtables: Vec<Arc<Memtable>>,
+    runs: Vec<Arc<Run>>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    options: RunOptions,
+    version: Mutex<Version>,
+    /// Signalled when a table is frozen or written, the runs change, or on stop.
+    changed: Condvar,
+    /// Serialises `apply` and `clear` (the order of applies is the order of tables).
+    writer: Mutex<()>,
+    /// Serialises changes to the run list and the manifest that records it.
+    manifest: Mutex<()>,
+    next_seq: AtomicU64,
+    stop: AtomicBool,
+    /// Set when a background write fails: `apply` refuses from then on (reads go on).
+    failure: Mutex<Option<String>>,
+}
+
+/// An ordered, insert-mostly key-value space for derived data: an in-memory table and
+/// sorted run files (see the module docs for what a crash keeps).
+pub struct RunIndex {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Tests that play a crash close without writing the active table out.
+    write_at_close: bool,
+}
+
+impl RunIndex {
+    /// Opens (or creates) the index in `dir`.
+    pub fn open(dir: &Path, options: RunOptions) -> Result<Self, StorageError> {
+        fs::create_dir_all(dir).map_err(io)?;
+        let seqs = read_manifest(dir)?;
+        let mut runs = Vec::with_capacity(seqs.len());
+        for &seq in &seqs {
+            runs.push(Arc::new(Run::open(dir, seq)?));
+        }
+        // Leftovers of an interrupted write or merge, and the highest number ever used.
+        let mut next_seq = seqs.iter().max().map_or(0, |seq| seq + 1);
+        for entry in fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(seq) = name
+                .strip_suffix(".run")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                next_seq = next_seq.max(seq + 1);
+                if !seqs.contains(&seq) {
+                    fs::remove_file(entry.path()).map_err(io)?;
+                }
+            } else if name.ends_with(".tmp") {
+                fs::remove_file(entry.path()).map_err(io)?;
+            }
+        }
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            options,
+            version: Mutex::new(Version {
+                memtables: vec![Arc::default()],
+                runs,
+            }),
+            changed: Condvar::new(),
+            writer: Mutex::new(()),
+            manifest: Mutex::new(()),
+            next_seq: AtomicU64::new(next_seq),
+            stop: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        });
+        let spawn = |name: &str, work: fn(&Shared) -> Result<(), StorageError>| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    if let Err(error) = work(&shared) {
+                        tracing::error!(%error, dir = %shared.dir.display(), "index run writing failed");
+                        *shared.failure.lock().expect("failure lock") = Some(error.to_string());
+                        shared.changed.notify_all();
+                    }
+                })
+                .map_err(io)
+        };
+        let threads = vec![
+            spawn("index-flusher", flush_loop)?,
+            spawn("index-merger", merge_loop)?,
+        ];
+        Ok(RunIndex {
+            shared,
+            threads,
+            write_at_close: true,
+        })
+    }
+
+    fn version(&self) -> Version {
+        self.shared.version.lock().expect("version lock").clone()
+    }
+
+    fn check_failure(&self) -> Result<(), StorageError> {
+        match self.shared.failure.lock().expect("failure lock").clone() {
+            Some(reason) => Err(StorageError::Backend(format!(
+                "writing index runs failed earlier: {reason}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Freezes the active table (when it holds anything) and, with `wait_written`, waits
+    /// until every frozen table is a run.
+    fn freeze(&self, wait_written: bool) -> Result<(), StorageError> {
+        let shared = &self.shared;
+        let mut version = shared.version.lock().expect("version lock");
+        // Backpressure: no more than `max_frozen` tables wait for the flusher.
+        while version.memtables.len() > shared.options.max_frozen {
+            drop(version);
+            self.check_failure()?;
+            version = shared.version.lock().expect("version lock");
+            if version.memtables.len() > shared.options.max_frozen {
+                version = shared
+                    .changed
+                    .wait_timeout(version, std::time::Duration::from_millis(100))
+                    .expect("version lock")
+                    .0;
+            }
+        }
+        if !version.memtables[0].is_empty() {
+            version.memtables.insert(0, Arc::default());
+            shared.changed.notify_all();
+        }
+        while wait_written && version.memtables.len() > 1 {
+            drop(version);
+            self.check_failure()?;
+            version = shared.version.lock().expect("version lock");
+            if version.memtables.len() > 1 {
+                version = shared
+                    .changed
+                    .wait_timeout(version, std::time::Duration::from_millis(100))
+                    .expect("version lock")
+                    .0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs on disk and the bytes they take (for reports and tests).
+    pub fn runs(&self) -> (usize, u64) {
+        let version = self.version();
+        (
+            version.runs.len(),
+            version.runs.iter().map(|run| run.bytes).sum(),
+        )
+    }
+
+    /// Bytes of the index's files.
+    pub fn size_on_disk(&self) -> u64 {
+        self.runs().1
+    }
+
+    /// Every key from `start` (inclusive) in order, read a chunk at a time.
+    pub fn scan_from(&self, start: Vec<u8>, end: Vec<u8>) -> Scan<'_> {
+        Scan {
+            index: self,
+            next: Some(start),
+            end,
+            buffer: VecDeque::new(),
+        }
+    }
+}
+
+/// Keys in order, fetched in chunks by [`RunIndex::scan_from`].
+pub struct Scan<'a> {
+    index: &'a RunIndex,
+    next: Option<Vec<u8>>,
+    end: Vec<u8>,
+    buffer: VecDeque<KeyValue>,
+}
+
+impl Iterator for Scan<'_> {
+    type Item = Result<KeyValue, StorageError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buffer.is_empty() {
+            let start = self.next.take()?;
+            match self.index.range(&start, &self.end, 4096) {
+                Ok(chunk) => {
+                    if let Some((last, _)) = chunk.last()
+                        && chunk.len() == 4096
+                    {
+                        let mut after = last.clone();
+                        after.push(0);
+                        self.next = Some(after);
+                    }
+                    self.buffer = chunk.into();
+                }
+                Err(error) => return Some(Err(error)),
+            }
+        }
+        self.buffer.pop_front().map(Ok)
+    }
+}
+
+impl Drop for RunIndex {
+    /// A clean close writes every table out, so the next open has nothing to re-derive.
+    fn drop(&mut self) {
+        if !self.write_at_close {
+        } else if let Err(error) = self.freeze(true) {
+            tracing::warn!(%error, "index tables not written at close; re-derived at the next open");
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            let _version = self.shared.version.lock().expect("version lock");
+            self.shared.changed.notify_all();
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One source of a merged read, in key order.
+enum Cursor {
+    Table {
+        table: Arc<Memtable>,
+        /// The last key taken (the next chunk starts after it).
+        after: Option<Vec<u8>>,
+        start: Vec<u8>,
+        done: bool,
+        buffer: VecDeque<(Vec<u8>, Stored)>,
+    },
+    Run {
+        run: Arc<Run>,
+        next_block: usize,
+        buffer: VecDeque<(Vec<u8>, Stored)>,
+    },
+}
+
+impl Cursor {
+    fn table(table: Arc<Memtable>, start: &[u8]) -> Self {
+        Cursor::Table {
+            table,
+            after: None,
+            start: start.to_vec(),
+            done: false,
+            buffer: VecDeque::new(),
+        }
+    }
+
+    fn run(run: Arc<Run>, start: &[u8]) -> Result<Self, StorageError> {
+        let mut cursor = Cursor::Run {
+            next_block: run.block_for(start).unwrap_or(0),
+            run,
+            buffer: VecDeque::new(),
+        };
+        // Skip what the first block holds before `start`.
+        while let Some(key) = cursor.peek()? {
+            if key >= start {
+                break;
+            }
+            cursor.pop();
+        }
+        Ok(cursor)
+    }
+
+    /// The next key, refilling the buffer when it is empty.
+    fn peek(&mut self) -> Result<Option<&[u8]>, StorageError> {
+        match self {
+            Cursor::Table {
+                table,
+                after,
+                start,
+                done,
+                buffer,
+            } => {
+                if buffer.is_empty() && !*done {
+                    let map = table.map.read().expect("memtable lock");
+                    let lower = match after {
+                        Some(key) => Bound::Excluded(key.as_slice()),
+                        None => Bound::Included(start.as_slice()),
+                    };
+                    buffer.extend(
+                        map.range::<[u8], _>((lower, Bound::Unbounded))
+                            .take(CURSOR_CHUNK)
+                            .map(|(key, value)| (key.clone(), value.clone())),
+                    );
+                    *done = buffer.len() < CURSOR_CHUNK;
+                    if let Some((key, _)) = buffer.back() {
+                        *after = Some(key.clone());
+                    }
+                }
+                Ok(buffer.front().map(|(key, _)| key.as_slice()))
+            }
+            Cursor::Run {
+                run,
+                next_block,
+                buffer,
+            } => {
+                while buffer.is_empty() && *next_block < run.blocks.len() {
+                    buffer.extend(run.read_block(*next_block)?);
+                    *next_block += 1;
+                }
+                Ok(buffer.front().map(|(key, _)| key.as_slice()))
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<(Vec<u8>, Stored)> {
+        match self {
+            Cursor::Table { buffer, .. } | Cursor::Run { buffer, .. } => buffer.pop_front(),
+        }
+    }
+}
+
+/// Merges cursors (newest first) into one ordered stream where the newest value of each
+/// key wins; `keep_removed` keeps removal markers (a merge that does not reach the oldest
+/// run must keep them, to go on hiding older values).
+struct Merge {
+    cursors: Vec<Cursor>,
+    end: Option<Vec<u8>>,
+    keep_removed: bool,
+}
+
+impl Merge {
+    fn next(&mut self) -> Result<Option<(Vec<u8>, Stored)>, StorageError> {
+        loop {
+            let mut smallest: Option<(usize, Vec<u8>)> = None;
+            for (n, cursor) in self.cursors.iter_mut().enumerate() {
+                if let Some(key) = cursor.peek()?
+                    && smallest
+                        .as_ref()
+                        .is_none_or(|(_, least)| key < least.as_slice())
+                {
+                    smallest = Some((n, key.to_vec()));
+                }
+            }
+            let Some((newest, key)) = smallest else {
+                return Ok(None);
+            };
+            if self.end.as_ref().is_some_and(|end| key >= *end) {
+                return Ok(None);
+            }
+            let mut value = None;
+            for (n, cursor) in self.cursors.iter_mut().enumerate() {
+                if cursor.peek()? == Some(key.as_slice()) {
+                    let (_, stored) = cursor.pop().expect("peeked");
+                    if n == newest {
+                        value = Some(stored);
+                    }
+                }
+            }
+            let value = value.expect("the newest source holds the key");
+            if value.is_some() || self.keep_removed {
+                return Ok(Some((key, value)));
+            }
+        }
+    }
+}
+
+impl IndexStore for RunIndex {
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StorageError> {
+        self.check_failure()?;
+        for (key, value) in &writes {
+            if key.len() > u16::MAX as usize
+                || value.as_ref().is_some_and(|v| v.len() >= REMOVED as usize)
+            {
+                return Err(malformed("index key or value too large"));
+            }
+        }
+        let _writer = self.shared.writer.lock().expect("writer lock");
+        let active = self.shared.version.lock().expect("version lock").memtables[0].clone();
+        let mut added = 0;
+        {
+            let mut map = active.map.write().expect("memtable lock");
+            for (key, value) in writes {
+                added += key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD;
+                map.insert(key, value);
+            }
+        }
+        let bytes = active.bytes.fetch_add(added, Ordering::AcqRel) + added;
+        if bytes >= self.shared.options.memtable_bytes {
+            self.freeze(false)?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let version = self.version();
+        for table in &version.memtables {
+            if let Some(stored) = table.map.read().expect("memtable lock").get(key) {
+                return Ok(stored.clone());
+            }
+        }
+        for run in &version.runs {
+            if let Some(stored) = run.get(key)? {
+                return Ok(stored);
+            }
+        }
+        Ok(None)
+    }
+
+    fn range(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        if start >= end || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let version = self.version();
+        let mut cursors = Vec::with_capacity(version.memtables.len() + version.runs.len());
+        for table in version.memtables {
+            cursors.push(Cursor::table(table, start));
+        }
+        for run in version.runs {
+            cursors.push(Cursor::run(run, start)?);
+        }
+        let mut merge = Merge {
+            cursors,
+            end: Some(end.to_vec()),
+            keep_removed: false,
+        };
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match merge.next()? {
+                Some((key, Some(value))) => out.push((key, value)),
+                Some((_, None)) => {}
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn clear(&self) -> Result<(), StorageError> {
+        let _writer = self.shared.writer.lock().expect("writer lock");
+        let _manifest = self.shared.manifest.lock().expect("manifest lock");
+        write_manifest(&self.shared.dir, &[])?;
+        let old = {
+            let mut version = self.shared.version.lock().expect("version lock");
+            let old = std::mem::take(&mut version.runs);
+            version.memtables = vec![Arc::default()];
+            self.shared.changed.notify_all();
+            old
+        };
+        for run in old {
+            remove_run(&run.path);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.check_failure()?;
+        let _writer = self.shared.writer.lock().expect("writer lock");
+        self.freeze(true)
+    }
+}
+
+fn remove_run(path: &Path) {
+    if let Err(error) = fs::remove_file(path)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, path = %path.display(), "removing a merged index run failed");
+    }
+}
+
+fn read_manifest(dir: &Path) -> Result<Vec<u64>, StorageError> {
+    let path = dir.join(MANIFEST);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(io(error)),
+    };
+    let bad = || malformed(format!("index manifest {} is damaged", path.display()));
+    if bytes.len() < 16 || &bytes[..4] != MANIFEST_MAGIC {
+        return Err(bad());
+    }
+    let body = bytes.len() - 8;
+    if xxh3_64(&bytes[..body]).to_le_bytes() != bytes[body..] {
+        return Err(bad());
+    }
+    let count = u32::from_le_bytes(bytes[4..8].try_into().expect("4")) as usize;
+    if 8 + count * 8 != body {
+        return Err(bad());
+    }
+    Ok(bytes[8..body]
+        .chunks_exact(8)
+        .map(|seq| u64::from_le_bytes(seq.try_into().expect("8")))
+        .collect())
+}
+
+/// Replaces the manifest with `runs` (newest first), atomically and durably.
+fn write_manifest(dir: &Path, runs: &[u64]) -> Result<(), StorageError> {
+    let mut bytes = Vec::with_capacity(16 + runs.len() * 8);
+    bytes.extend_from_slice(MANIFEST_MAGIC);
+    bytes.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for seq in runs {
+        bytes.extend_from_slice(&seq.to_le_bytes());
+    }
+    let checksum = xxh3_64(&bytes);
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+    let temporary = dir.join(format!("{MANIFEST}.tmp"));
+    let mut file = File::create(&temporary).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    fs::rename(&temporary, dir.join(MANIFEST)).map_err(io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+/// The flusher: writes the oldest frozen table out as the newest run, until stopped with
+/// nothing left to write.
+fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
+    loop {
+        let table = {
+            let mut version = shared.version.lock().expect("version lock");
+            loop {
+                if version.memtables.len() > 1 {
+                    break version.memtables.last().expect("frozen").clone();
+                }
+                if shared.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                version = shared.changed.wait(version).expect("version lock");
+            }
+        };
+        let seq = shared.next_seq.fetch_add(1, Ordering::AcqRel);
+        let run = {
+            let map = table.map.read().expect("memtable lock");
+            let mut writer = RunWriter::create(
+                &shared.dir,
+                seq,
+                map.len(),
+                shared.options.bloom_bits_per_key,
+            )?;
+            for (key, value) in map.iter() {
+                writer.push(key, value.as_deref())?;
+            }
+            Arc::new(writer.finish(seq)?)
+        };
+        let _manifest = shared.manifest.lock().expect("manifest lock");
+        let current = shared.version.lock().expect("version lock").clone();
+        if !current
+            .memtables
+            .last()
+            .is_some_and(|last| Arc::ptr_eq(last, &table))
+        {
+            // Cleared meanwhile: the table is gone and so must its run be.
+            remove_run(&run.path);
+            continue;
+        }
+        let mut seqs = vec![seq];
+        seqs.extend(current.runs.iter().map(|run| run.seq));
+        write_manifest(&shared.dir, &seqs)?;
+        let mut version = shared.version.lock().expect("version lock");
+        version.memtables.pop();
+        version.runs.insert(0, run);
+        shared.changed.notify_all();
+    }
+}
+
+/// Which runs to merge next: the newest ones while the run after them is no more than
+/// twice their total, so run sizes grow geometrically with age and a read meets
+/// O(log n) runs.
+fn pick_merge(runs: &[Arc<Run>]) -> Option<std::ops::Range<usize>> {
+    let mut total = runs.first()?.bytes;
+    let mut end = 1;
+    while end < runs.len() && total * 2 >= runs[end].bytes {
+        total += runs[end].bytes;
+        end += 1;
+    }
+    (end >= 2).then_some(0..end)
+}
+
+/// The merger: combines runs by [`pick_merge`], until stopped (an unfinished merge is
+/// dropped; its inputs are still the live runs).
+fn merge_loop(shared: &Shared) -> Result<(), StorageError> {
+    loop {
+        let (picked, oldest_included) = {
+            let mut version = shared.version.lock().expect("version lock");
+            loop {
+                if shared.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                if let Some(range) = pick_merge(&version.runs) {
+                    let oldest = range.end == version.runs.len();
+                    break (version.runs[range].to_vec(), oldest);
+                }
+                version = shared.changed.wait(version).expect("version lock");
+            }
+        };
+        let seq = shared.next_seq.fetch_add(1, Ordering::AcqRel);
+        let expected = picked.iter().map(|run| run.entries as usize).sum();
+        let mut writer = RunWriter::create(
+            &shared.dir,
+            seq,
+            expected,
+            shared.options.bloom_bits_per_key,
+        )?;
+        let mut merge = Merge {
+            cursors: picked
+                .iter()
+                .map(|run| Cursor::run(run.clone(), &[]))
+                .collect::<Result<_, _>>()?,
+            end: None,
+            keep_removed: !oldest_included,
+        };
+        let mut stopped = false;
+        let mut count = 0u64;
+        while let Some((key, value)) = merge.next()? {
+            writer.push(&key, value.as_deref())?;
+            count += 1;
+            if count % 4096 == 0 && shared.stop.load(Ordering::Acquire) {
+                stopped = true;
+                break;
+            }
+        }
+        if stopped {
+            drop(writer);
+            remove_run(&run_path(&shared.dir, seq));
+            return Ok(());
+        }
+        let run = Arc::new(writer.finish(seq)?);
+        let _manifest = shared.manifest.lock().expect("manifest lock");
+        let current = shared.version.lock().expect("version lock").clone();
+        let Some(at) = current
+            .runs
+            .iter()
+            .position(|run| run.seq == picked[0].seq)
+            .filter(|&at| {
+                current.runs[at..]
+                    .iter()
+                    .map(|run| run.seq)
+                    .take(picked.len())
+                    .eq(picked.iter().map(|run| run.seq))
+            })
+        else {
+            // Cleared meanwhile.
+            remove_run(&run.path);
+            continue;
+        };
+        let mut runs = current.runs.clone();
+        runs.splice(at..at + picked.len(), [run]);
+        let seqs: Vec<u64> = runs.iter().map(|run| run.seq).collect();
+        write_manifest(&shared.dir, &seqs)?;
+        shared.version.lock().expect("version lock").runs = runs;
+        shared.changed.notify_all();
+        for old in &picked {
+            remove_run(&old.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn small() -> RunOptions {
+        RunOptions {
+            memtable_bytes: 2048,
+            max_frozen: 2,
+            bloom_bits_per_key: 10,
+        }
+    }
+
+    fn key(n: u32) -> Vec<u8> {
+        format!("k{n:08}").into_bytes()
+    }
+
+    #[test]
+    fn writes_read_back_through_tables_runs_merges_and_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = RunIndex::open(dir.path(), small()).unwrap();
+            for chunk in 0..200u32 {
+                let writes = (0..20)
+                    .map(|n| (key(chunk * 20 + n), Some(vec![n as u8; 10])))
+                    .collect();
+                index.apply(writes).unwrap();
+            }
+            index.flush().unwrap();
+            assert!(index.runs().0 >= 1);
+            assert_eq!(index.get(&key(1234)).unwrap(), Some(vec![14; 10]));
+            assert_eq!(index.get(&key(4000)).unwrap(), None);
+            let all = index.range(&key(0), &key(10_000), usize::MAX).unwrap();
+            assert_eq!(all.len(), 4000);
+            assert!(all.windows(2).all(|pair| pair[0].0 < pair[1].0));
+        }
+        let index = RunIndex::open(dir.path(), small()).unwrap();
+        let some = index.range(&key(100), &key(110), usize::MAX).unwrap();
+        assert_eq!(
+            some.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            (100..110).map(key).collect::<Vec<_>>()
+        );
+        assert_eq!(index.range(&key(3990), &key(9999), 3).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn what_a_crash_keeps_is_a_prefix_of_the_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = RunIndex::open(dir.path(), small()).unwrap();
+        for n in 0..500u32 {
+            index
+                .apply(vec![
+                    (key(n), Some(b"v".to_vec())),
+                    (b"m/mark".to_vec(), Some(n.to_be_bytes().to_vec())),
+                ])
+                .unwrap();
+        }
+        // A crash: the active table is lost (what was frozen may or may not be written).
+        let mut index = index;
+        index.write_at_close = false;
+        drop(index);
+        let reopened = RunIndex::open(dir.path(), small()).unwrap();
+        let mark = reopened
+            .get(b"m/mark")
+            .unwrap()
+            .map_or(0, |v| u32::from_be_bytes(v.try_into().unwrap()) + 1);
+        let keys = reopened.range(b"k", b"l", usize::MAX).unwrap();
+        assert_eq!(
+            keys.len() as u32,
+            mark,
+            "every key before the mark, none after"
+        );
+        assert!(mark > 0);
+    }
+
+    #[test]
+    fn removals_hide_older_values_until_merged_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = RunIndex::open(dir.path(), small()).unwrap();
+        index
+            .apply((0..100).map(|n| (key(n), Some(vec![1; 30]))).collect())
+            .unwrap();
+        index.flush().unwrap();
+        index
+            .apply((0..50).map(|n| (key(n), None)).collect())
+            .unwrap();
+        assert_eq!(index.get(&key(10)).unwrap(), None);
+        index.flush().unwrap();
+        assert_eq!(index.get(&key(10)).unwrap(), None);
+        assert_eq!(
+            index.range(&key(0), &key(100), usize::MAX).unwrap().len(),
+            50
+        );
+        assert_eq!(index.range(&key(0), &key(100), 5).unwrap()[0].0, key(50));
+    }
+
+    #[test]
+    fn clear_empties_everything_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = RunIndex::open(dir.path(), small()).unwrap();
+            index
+                .apply((0..300).map(|n| (key(n), Some(vec![2; 20]))).collect())
+                .unwrap();
+            index.flush().unwrap();
+            index.clear().unwrap();
+            assert_eq!(index.get(&key(1)).unwrap(), None);
+            index
+                .apply(vec![(key(7), Some(b"after".to_vec()))])
+                .unwrap();
+        }
+        let index = RunIndex::open(dir.path(), small()).unwrap();
+        assert_eq!(
+            index.range(b"", b"\xff", usize::MAX).unwrap(),
+            vec![(key(7), b"after".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_damaged_block_is_reported_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = RunIndex::open(dir.path(), small()).unwrap();
+            index
+                .apply((0..20).map(|n| (key(n), Some(vec![3; 20]))).collect())
+                .unwrap();
+        }
+        let run = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "run"))
+            .unwrap();
+        let mut bytes = fs::read(&run).unwrap();
+        bytes[20] ^= 1;
+        fs::write(&run, bytes).unwrap();
+        let index = RunIndex::open(dir.path(), small()).unwrap();
+        let error = index.range(b"", b"\xff", usize::MAX).unwrap_err();
+        assert!(error.to_string().contains("checksum"), "{error}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Against a `BTreeMap`: any sequence of puts and removals, with flushes and
+        /// reopens between them, reads back the same by key and by range.
+        #[test]
+        fn behaves_like_an_ordered_map(
+            steps in proptest::collection::vec(
+                (0u32..300, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)), 0u8..20),
+                1..400,
+            ),
+            from in 0u32..300,
+            span in 0u32..300,
+            limit in 1usize..50,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut model = BTreeMap::new();
+            let mut index = RunIndex::open(dir.path(), small()).unwrap();
+            for (n, value, action) in steps {
+                index.apply(vec![(key(n), value.clone())]).unwrap();
+                match value {
+                    Some(value) => model.insert(key(n), value),
+                    None => model.remove(&key(n)),
+                };
+                if action == 0 {
+                    index.flush().unwrap();
+                } else if action == 1 {
+                    drop(index);
+                    index = RunIndex::open(dir.path(), small()).unwrap();
+                }
+            }
+            for n in 0..300 {
+                prop_assert_eq!(index.get(&key(n)).unwrap(), model.get(&key(n)).cloned());
+            }
+            let (start, end) = (key(from), key(from + span));
+            let expected: Vec<KeyValue> = model
+                .range(start.clone()..end.clone())
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            prop_assert_eq!(index.range(&start, &end, limit).unwrap(), expected);
+        }
+    }
+}
