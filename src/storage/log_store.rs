@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::run_index::{RunIndex, RunOptions};
+use super::run_index::{Filter, RunIndex, RunOptions};
 use super::sled_store::{SledIndex, backend, keyed, open_sled};
 use super::{
     Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, IndexStore, RawEntries,
@@ -297,11 +297,12 @@ impl LogStore {
         let db = open_sled(dir, cache_bytes / 2, Some(1000))?;
         let derived = open_sled(&dir.join(DERIVED_DIR), cache_bytes / 4, Some(1000))?;
         let keys = RunIndex::open(&dir.join(KEYS_DIR), RunOptions::default())?;
-        // Lists are read by range; the one point read (`m/indexed`) needs no filter.
+        // Lists are read whole or from a position in them: filtered by list, a read of a
+        // customer's facts (every verdict, three lists) skips the runs that hold none.
         let index = Arc::new(RunIndex::open(
             &dir.join(INDEX_DIR),
             RunOptions {
-                bloom_bits_per_key: 0,
+                filter: Filter::Lists,
                 ..RunOptions::default()
             },
         )?);

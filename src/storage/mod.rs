@@ -10,7 +10,7 @@ pub mod run_index;
 pub mod sled_store;
 
 pub use log_store::LogStore;
-pub use run_index::{RunIndex, RunOptions};
+pub use run_index::{Filter, RunIndex, RunOptions};
 pub use sled_store::{SledIndex, SledStore};
 
 use std::path::Path;

@@ -26,8 +26,9 @@
 //!   value` (`value_len` = `u32::MAX`: the key was removed), each block followed by its
 //!   xxh3-64; then the block index (`offset u64 | len u32 | first_key_len u16 |
 //!   first_key` per block), the Bloom filter's words, and a footer: `index_offset u64 |
-//!   index_len u64 | bloom_offset u64 | bloom_len u64 | bloom_hashes u32 | entries u64 |
-//!   xxh3-64 of index, filter and the footer before it | magic "ARUN0001"`. Integers are
+//!   index_len u64 | bloom_offset u64 | bloom_len u64 | bloom_hashes u32 | filter_of u32
+//!   (1 keys, 2 lists: [`Filter`]) | entries u64 | xxh3-64 of index, filter and the footer
+//!   before it | magic "ARUN0001"`. Integers are
 //!   little-endian. Files the manifest does not name are leftovers of an interrupted
 //!   write or merge and are removed at open.
 //!
@@ -50,7 +51,9 @@ use super::{IndexStore, KeyValue, StorageError};
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_MAGIC: &[u8; 4] = b"ARM1";
 const RUN_MAGIC: &[u8; 8] = b"ARUN0001";
-const FOOTER_LEN: usize = 8 * 4 + 4 + 8 + 8 + 8;
+const FOOTER_LEN: usize = 8 * 4 + 4 + 4 + 8 + 8 + 8;
+/// The checksummed part of the footer.
+const FOOTER_SUMMED: usize = FOOTER_LEN - 16;
 /// A block is closed once it holds this many bytes: one `pread` per block read.
 const BLOCK_BYTES: usize = 4096;
 /// `value_len` of a removed key.
@@ -69,9 +72,61 @@ pub struct RunOptions {
     /// Frozen tables waiting to be written before `apply` waits for the flusher: with
     /// `memtable_bytes`, the bound on this index's memory.
     pub max_frozen: usize,
-    /// Bloom filter bits per key in each run (0: no filter; a point read then reads one
-    /// block of every run). About 1 % false positives at 10.
+    /// Bloom filter bits per key in each run (0: no filter; a read then reads one block
+    /// of every run). About 1 % false positives at 10.
     pub bloom_bits_per_key: usize,
+    /// What the filter holds.
+    pub filter: Filter,
+}
+
+/// What a run's Bloom filter answers for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// Whole keys: a point read skips the runs that do not hold its key.
+    Keys,
+    /// The list each key belongs to — the key up to and including its first 0x00 byte
+    /// (the whole key when it has none): a point read, or a range read within one list
+    /// (as every compliance list read is), skips the runs that hold nothing of that list.
+    Lists,
+}
+
+impl Filter {
+    fn code(self) -> u32 {
+        match self {
+            Filter::Keys => 1,
+            Filter::Lists => 2,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(Filter::Keys),
+            2 => Some(Filter::Lists),
+            _ => None,
+        }
+    }
+
+    /// What the filter holds for `key`.
+    fn of(self, key: &[u8]) -> &[u8] {
+        match self {
+            Filter::Keys => key,
+            Filter::Lists => list_of(key).unwrap_or(key),
+        }
+    }
+}
+
+/// The key up to and including its first 0x00 byte, if it has one.
+fn list_of(key: &[u8]) -> Option<&[u8]> {
+    key.iter().position(|&byte| byte == 0).map(|at| &key[..=at])
+}
+
+/// The list every key of `[start, end)` belongs to, when they all belong to one: `start`'s
+/// list `P` (ending in 0x00), and `end` no further than the first key after all of `P`'s.
+fn single_list<'a>(start: &'a [u8], end: &[u8]) -> Option<&'a [u8]> {
+    let list = list_of(start)?;
+    let mut after = list.to_vec();
+    *after.last_mut().expect("ends in 0x00") = 1;
+    (end <= after.as_slice()).then_some(list)
 }
 
 impl Default for RunOptions {
@@ -80,6 +135,7 @@ impl Default for RunOptions {
             memtable_bytes: 8 << 20,
             max_frozen: 2,
             bloom_bits_per_key: 10,
+            filter: Filter::Keys,
         }
     }
 }
@@ -123,15 +179,17 @@ struct BlockRef {
 struct Bloom {
     words: Vec<u64>,
     hashes: u32,
+    filter: Filter,
 }
 
 impl Bloom {
-    fn new(keys: usize, bits_per_key: usize) -> Self {
+    fn new(keys: usize, bits_per_key: usize, filter: Filter) -> Self {
         let bits = (keys.max(1) * bits_per_key).max(64);
         let hashes = ((bits_per_key as f64 * 0.69).round() as u32).clamp(1, 16);
         Bloom {
             words: vec![0; bits.div_ceil(64)],
             hashes,
+            filter,
         }
     }
 
@@ -227,7 +285,7 @@ impl Run {
         if self
             .bloom
             .as_ref()
-            .is_some_and(|bloom| !bloom.may_hold(key))
+            .is_some_and(|bloom| !bloom.may_hold(bloom.filter.of(key)))
         {
             return Ok(None);
         }
@@ -260,7 +318,8 @@ impl Run {
         let (index_offset, index_len) = (u64_at(0), u64_at(8));
         let (bloom_offset, bloom_len) = (u64_at(16), u64_at(24));
         let hashes = u32::from_le_bytes(footer[32..36].try_into().expect("4"));
-        let entries = u64_at(36);
+        let filter_code = u32::from_le_bytes(footer[36..40].try_into().expect("4"));
+        let entries = u64_at(40);
         let meta_end = bytes - FOOTER_LEN as u64;
         if index_offset.checked_add(index_len) != Some(bloom_offset)
             || bloom_offset.checked_add(bloom_len) != Some(meta_end)
@@ -271,8 +330,8 @@ impl Run {
         let mut meta = vec![0u8; (index_len + bloom_len) as usize];
         file.read_exact_at(&mut meta, index_offset).map_err(io)?;
         let mut summed = meta.clone();
-        summed.extend_from_slice(&footer[..44]);
-        if xxh3_64(&summed).to_le_bytes() != footer[44..52] {
+        summed.extend_from_slice(&footer[..FOOTER_SUMMED]);
+        if xxh3_64(&summed).to_le_bytes() != footer[FOOTER_SUMMED..FOOTER_SUMMED + 8] {
             return Err(bad("block index checksum does not match"));
         }
         let mut blocks = Vec::new();
@@ -296,13 +355,18 @@ impl Run {
             });
             at += key_len;
         }
-        let bloom = (bloom_len > 0).then(|| Bloom {
-            words: meta[index_len as usize..]
-                .chunks_exact(8)
-                .map(|word| u64::from_le_bytes(word.try_into().expect("8")))
-                .collect(),
-            hashes,
-        });
+        let bloom = match (bloom_len, Filter::from_code(filter_code)) {
+            (0, _) => None,
+            (_, Some(filter)) => Some(Bloom {
+                words: meta[index_len as usize..]
+                    .chunks_exact(8)
+                    .map(|word| u64::from_le_bytes(word.try_into().expect("8")))
+                    .collect(),
+                hashes,
+                filter,
+            }),
+            (_, None) => return Err(bad("unknown kind of filter")),
+        };
         Ok(Run {
             seq,
             path,
@@ -324,6 +388,8 @@ struct RunWriter {
     block_first: Option<Vec<u8>>,
     blocks: Vec<BlockRef>,
     bloom: Option<Bloom>,
+    /// The last list put in the filter (consecutive keys mostly share one).
+    last_filtered: Vec<u8>,
     entries: u64,
 }
 
@@ -332,8 +398,9 @@ impl RunWriter {
         dir: &Path,
         seq: u64,
         expected_keys: usize,
-        bits_per_key: usize,
+        options: &RunOptions,
     ) -> Result<Self, StorageError> {
+        let bits_per_key = options.bloom_bits_per_key;
         let path = run_path(dir, seq);
         let file = OpenOptions::new()
             .write(true)
@@ -347,7 +414,9 @@ impl RunWriter {
             block: Vec::with_capacity(BLOCK_BYTES + 512),
             block_first: None,
             blocks: Vec::new(),
-            bloom: (bits_per_key > 0).then(|| Bloom::new(expected_keys, bits_per_key)),
+            bloom: (bits_per_key > 0)
+                .then(|| Bloom::new(expected_keys, bits_per_key, options.filter)),
+            last_filtered: Vec::new(),
             entries: 0,
         })
     }
@@ -368,7 +437,12 @@ impl RunWriter {
             self.block.extend_from_slice(value);
         }
         if let Some(bloom) = &mut self.bloom {
-            bloom.insert(key);
+            let filtered = bloom.filter.of(key);
+            if filtered != self.last_filtered.as_slice() || self.entries == 0 {
+                bloom.insert(filtered);
+                self.last_filtered.clear();
+                self.last_filtered.extend_from_slice(filtered);
+            }
         }
         self.entries += 1;
         if self.block.len() >= BLOCK_BYTES {
@@ -405,14 +479,18 @@ impl RunWriter {
             meta.extend_from_slice(&block.first_key);
         }
         let index_len = meta.len() as u64;
-        let (hashes, bloom_len) = match &self.bloom {
+        let (hashes, filter_code, bloom_len) = match &self.bloom {
             Some(bloom) => {
                 for word in &bloom.words {
                     meta.extend_from_slice(&word.to_le_bytes());
                 }
-                (bloom.hashes, bloom.words.len() as u64 * 8)
+                (
+                    bloom.hashes,
+                    bloom.filter.code(),
+                    bloom.words.len() as u64 * 8,
+                )
             }
-            None => (0, 0),
+            None => (0, 0, 0),
         };
         let mut footer = Vec::with_capacity(FOOTER_LEN);
         footer.extend_from_slice(&self.written.to_le_bytes());
@@ -420,6 +498,7 @@ impl RunWriter {
         footer.extend_from_slice(&(self.written + index_len).to_le_bytes());
         footer.extend_from_slice(&bloom_len.to_le_bytes());
         footer.extend_from_slice(&hashes.to_le_bytes());
+        footer.extend_from_slice(&filter_code.to_le_bytes());
         footer.extend_from_slice(&self.entries.to_le_bytes());
         let mut summed = meta.clone();
         summed.extend_from_slice(&footer);
@@ -858,7 +937,15 @@ impl IndexStore for RunIndex {
         for table in version.memtables {
             cursors.push(Cursor::table(table, start));
         }
+        let list = single_list(start, end);
         for run in version.runs {
+            // A run whose filter says it holds nothing of the one list asked for is skipped.
+            if let (Some(list), Some(bloom)) = (list, &run.bloom)
+                && bloom.filter == Filter::Lists
+                && !bloom.may_hold(list)
+            {
+                continue;
+            }
             cursors.push(Cursor::run(run, start)?);
         }
         let mut merge = Merge {
@@ -971,12 +1058,7 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
         let seq = shared.next_seq.fetch_add(1, Ordering::AcqRel);
         let run = {
             let map = table.map.read().expect("memtable lock");
-            let mut writer = RunWriter::create(
-                &shared.dir,
-                seq,
-                map.len(),
-                shared.options.bloom_bits_per_key,
-            )?;
+            let mut writer = RunWriter::create(&shared.dir, seq, map.len(), &shared.options)?;
             for (key, value) in map.iter() {
                 writer.push(key, value.as_deref())?;
             }
@@ -1035,12 +1117,7 @@ fn merge_loop(shared: &Shared) -> Result<(), StorageError> {
         };
         let seq = shared.next_seq.fetch_add(1, Ordering::AcqRel);
         let expected = picked.iter().map(|run| run.entries as usize).sum();
-        let mut writer = RunWriter::create(
-            &shared.dir,
-            seq,
-            expected,
-            shared.options.bloom_bits_per_key,
-        )?;
+        let mut writer = RunWriter::create(&shared.dir, seq, expected, &shared.options)?;
         let mut merge = Merge {
             cursors: picked
                 .iter()
@@ -1105,7 +1182,52 @@ mod tests {
             memtable_bytes: 2048,
             max_frozen: 2,
             bloom_bits_per_key: 10,
+            filter: Filter::Keys,
         }
+    }
+
+    fn lists() -> RunOptions {
+        RunOptions {
+            filter: Filter::Lists,
+            ..small()
+        }
+    }
+
+    /// Key `n` of list `n % 7` (`L<list>` 0x00 `<n>`), as the compliance lists look.
+    fn listed(n: u32) -> Vec<u8> {
+        format!("L{}\0{n:08}", n % 7).into_bytes()
+    }
+
+    #[test]
+    fn a_read_within_one_list_skips_runs_without_it_and_misses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = RunIndex::open(dir.path(), lists()).unwrap();
+        // Lists 0..6 in the first runs; list 9 only in the last one.
+        index
+            .apply((0..700).map(|n| (listed(n), Some(vec![1; 20]))).collect())
+            .unwrap();
+        index.flush().unwrap();
+        index
+            .apply(vec![(b"L9\0x".to_vec(), Some(b"nine".to_vec()))])
+            .unwrap();
+        index.flush().unwrap();
+        let version = index.version();
+        let holding: Vec<bool> = version
+            .runs
+            .iter()
+            .map(|run| run.bloom.as_ref().unwrap().may_hold(b"L9\0"))
+            .collect();
+        assert!(holding[0], "the newest run holds list 9");
+        assert_eq!(single_list(b"L9\0", b"L9\x01"), Some(&b"L9\0"[..]));
+        assert_eq!(single_list(b"L9\0", b"L:"), None, "past the list");
+        assert_eq!(
+            index.range(b"L9\0", b"L9\x01", usize::MAX).unwrap(),
+            vec![(b"L9\0x".to_vec(), b"nine".to_vec())]
+        );
+        let three = index.range(b"L3\0", b"L3\x01", usize::MAX).unwrap();
+        assert_eq!(three.len(), 100);
+        assert_eq!(index.get(&listed(5)).unwrap(), Some(vec![1; 20]));
+        assert_eq!(index.get(b"L3\0nothing").unwrap(), None);
     }
 
     fn key(n: u32) -> Vec<u8> {
@@ -1249,10 +1371,14 @@ mod tests {
             from in 0u32..300,
             span in 0u32..300,
             limit in 1usize..50,
+            by_list in any::<bool>(),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let mut model = BTreeMap::new();
-            let mut index = RunIndex::open(dir.path(), small()).unwrap();
+            // Either whole keys filtered, or keys in lists filtered by list.
+            let (options, key): (RunOptions, fn(u32) -> Vec<u8>) =
+                if by_list { (lists(), listed) } else { (small(), key) };
+            let mut index = RunIndex::open(dir.path(), options).unwrap();
             for (n, value, action) in steps {
                 index.apply(vec![(key(n), value.clone())]).unwrap();
                 match value {
@@ -1263,19 +1389,32 @@ mod tests {
                     index.flush().unwrap();
                 } else if action == 1 {
                     drop(index);
-                    index = RunIndex::open(dir.path(), small()).unwrap();
+                    index = RunIndex::open(dir.path(), options).unwrap();
                 }
             }
             for n in 0..300 {
                 prop_assert_eq!(index.get(&key(n)).unwrap(), model.get(&key(n)).cloned());
             }
             let (start, end) = (key(from), key(from + span));
+            let (start, end) = (start.clone().min(end.clone()), start.max(end));
             let expected: Vec<KeyValue> = model
                 .range(start.clone()..end.clone())
                 .take(limit)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             prop_assert_eq!(index.range(&start, &end, limit).unwrap(), expected);
+            // A whole list, and a list from one of its keys on.
+            let list = format!("L{}\0", from % 7).into_bytes();
+            let mut after = list.clone();
+            *after.last_mut().unwrap() = 1;
+            let starts = if by_list { vec![list.clone(), key(from)] } else { Vec::new() };
+            for start in starts {
+                let expected: Vec<KeyValue> = model
+                    .range(start.clone()..after.clone())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                prop_assert_eq!(index.range(&start, &after, usize::MAX).unwrap(), expected);
+            }
         }
     }
 }
