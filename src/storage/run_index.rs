@@ -1085,17 +1085,31 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
     }
 }
 
-/// Which runs to merge next: the newest ones while the run after them is no more than
-/// twice their total, so run sizes grow geometrically with age and a read meets
-/// O(log n) runs.
-fn pick_merge(runs: &[Arc<Run>]) -> Option<std::ops::Range<usize>> {
-    let mut total = runs.first()?.bytes;
-    let mut end = 1;
-    while end < runs.len() && total * 2 >= runs[end].bytes {
-        total += runs[end].bytes;
-        end += 1;
+/// Runs merged at once: the tier above holds runs about this many times larger.
+const FANOUT: usize = 4;
+/// Past this many runs, the newest tier is merged even if it is not full.
+const MAX_RUNS: usize = 24;
+
+/// Which runs to merge next (size-tiered): runs adjacent in age and of about one size
+/// (each no more than twice the largest newer one of its group) form a tier, and the
+/// newest tier with `FANOUT` runs is merged into one run of the tier above. Each byte is
+/// then rewritten about log₄(n) times, and a read meets at most `FANOUT − 1` runs per tier.
+fn pick_merge(sizes: &[u64]) -> Option<std::ops::Range<usize>> {
+    let mut start = 0;
+    while start < sizes.len() {
+        let mut largest = sizes[start];
+        let mut end = start + 1;
+        while end < sizes.len() && sizes[end] <= largest.saturating_mul(2) {
+            largest = largest.max(sizes[end]);
+            end += 1;
+        }
+        if end - start >= FANOUT {
+            return Some(start..start + FANOUT);
+        }
+        start = end;
     }
-    (end >= 2).then_some(0..end)
+    // Many tiers of few runs (sizes that never line up): merge the newest ones anyway.
+    (sizes.len() > MAX_RUNS).then_some(0..2)
 }
 
 /// The merger: combines runs by [`pick_merge`], until stopped (an unfinished merge is
@@ -1108,7 +1122,8 @@ fn merge_loop(shared: &Shared) -> Result<(), StorageError> {
                 if shared.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                if let Some(range) = pick_merge(&version.runs) {
+                let sizes: Vec<u64> = version.runs.iter().map(|run| run.bytes).collect();
+                if let Some(range) = pick_merge(&sizes) {
                     let oldest = range.end == version.runs.len();
                     break (version.runs[range].to_vec(), oldest);
                 }
@@ -1260,6 +1275,22 @@ mod tests {
             (100..110).map(key).collect::<Vec<_>>()
         );
         assert_eq!(index.range(&key(3990), &key(9999), 3).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn merges_take_full_tiers_of_adjacent_runs() {
+        assert_eq!(pick_merge(&[]), None);
+        assert_eq!(pick_merge(&[10, 10, 10]), None);
+        assert_eq!(pick_merge(&[10, 11, 9, 10]), Some(0..4));
+        assert_eq!(pick_merge(&[10, 10, 10, 40, 40]), None);
+        assert_eq!(pick_merge(&[10, 40, 40, 40, 45, 160]), Some(1..5));
+        assert_eq!(pick_merge(&[10, 10, 10, 10, 10]), Some(0..4));
+        let spread: Vec<u64> = (0..30).map(|n| 3u64.pow(n)).collect();
+        assert_eq!(
+            pick_merge(&spread),
+            Some(0..2),
+            "too many runs: merge anyway"
+        );
     }
 
     #[test]
