@@ -516,13 +516,16 @@ async fn the_log_store_names_an_altered_entry_and_refuses_a_cut_log() {
     ledger_in(dir.path(), audit_ledger::storage::StorageKind::Log, 20).await;
     let store_dir = dir.path().join(STORE_DIR_NAME);
     let log = store_dir.join(audit_ledger::storage::log_store::LOG_FILE);
-    let ranges = {
+    let (ranges, log_end) = {
         let store =
             common::open_retrying(|| audit_ledger::storage::LogStore::open(&store_dir, 1 << 20))
                 .unwrap();
         (
-            store.entry_ranges(5).unwrap().unwrap(),
-            store.entry_ranges(9).unwrap().unwrap(),
+            (
+                store.entry_ranges(5).unwrap().unwrap(),
+                store.entry_ranges(9).unwrap().unwrap(),
+            ),
+            store.log_end() as usize,
         )
     };
     let original = std::fs::read(&log).unwrap();
@@ -546,7 +549,7 @@ async fn the_log_store_names_an_altered_entry_and_refuses_a_cut_log() {
 
     // The last group cut off after it was acknowledged: the store refuses to open rather
     // than take the shorter log for the whole ledger.
-    std::fs::write(&log, &original[..original.len() - 100]).unwrap();
+    std::fs::write(&log, &original[..log_end - 100]).unwrap();
     let config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
     let error = common::open_retrying(|| Server::open(config.clone()))
         .err()
