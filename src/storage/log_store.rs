@@ -762,8 +762,20 @@ impl Store for LogStore {
     }
 
     fn entries(&self, from: u64, to: u64) -> RawEntries<'_> {
-        let to = to.min(self.entries.load(Ordering::Acquire)).max(from);
-        let mut window = Window::default();
+        let entries = self.entries.load(Ordering::Acquire);
+        let to = to.min(entries).max(from);
+        // Read ahead no further than the scan goes: the next entry's record, or the end of
+        // the frames (the file itself is allocated further, with zeros).
+        let limit = if to < entries {
+            self.offset(to).ok()
+        } else {
+            None
+        }
+        .unwrap_or_else(|| self.log_end.load(Ordering::Acquire));
+        let mut window = Window {
+            limit,
+            ..Window::default()
+        };
         Box::new((from..to).map(move |index| {
             let offset = self.offset(index)?;
             let header = window.bytes(&self.log, offset, ENTRY_HEADER)?.to_vec();
@@ -852,11 +864,15 @@ fn encode_len(batch: &CommitBatch) -> usize {
         + HASH_SIZE
 }
 
-/// A read-ahead window over the log for sequential scans (`verify`).
+/// A read-ahead window over the log for sequential scans (`verify`, the communication
+/// indexer).
 #[derive(Default)]
 struct Window {
     start: u64,
     bytes: Vec<u8>,
+    /// Where the scan ends: nothing past it is read ahead (a scan of a few entries reads
+    /// a few records, not `SIZE` bytes).
+    limit: u64,
 }
 
 impl Window {
@@ -867,7 +883,7 @@ impl Window {
         let inside =
             offset >= self.start && offset + len as u64 <= self.start + self.bytes.len() as u64;
         if !inside {
-            let want = len.max(Self::SIZE);
+            let want = len.max(Self::SIZE.min(self.limit.saturating_sub(offset) as usize));
             self.bytes.resize(want, 0);
             let mut filled = 0;
             while filled < want {
