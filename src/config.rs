@@ -52,7 +52,9 @@ pub struct ServerConfig {
     pub max_list_entries: u64,
     /// Most records one group commit takes.
     pub max_group_records: usize,
-    /// sled page cache, in bytes.
+    /// sled page cache, in bytes: the sled backend's; the log store's sled holds only the
+    /// access log and takes a quarter of it (its run indexes are read through the OS page
+    /// cache).
     pub cache_bytes: u64,
     /// The backend of a new store (an existing one keeps its own).
     pub storage: crate::storage::StorageKind,

@@ -337,11 +337,13 @@ struct ServeArgs {
     #[arg(long, env = "AUDIT_LEDGER_MAX_LIST_ENTRIES", default_value_t = 10_000)]
     max_list_entries: u64,
     /// Backend of a new ledger: log (entries in an append-only file with one fdatasync per
-    /// group, keys and indexes in sled) or sled (everything in sled). An existing ledger
+    /// group, keys and indexes in sorted run files derived from it) or sled (everything in
+    /// sled). An existing ledger
     /// keeps its own.
     #[arg(long, env = "AUDIT_LEDGER_STORAGE", default_value = "log")]
     storage: audit_ledger::storage::StorageKind,
-    /// sled page cache size, in bytes.
+    /// sled page cache size, in bytes (the sled backend; the log store's access log takes
+    /// a quarter).
     #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     cache_bytes: u64,
     /// Free space kept on the data dir's filesystem; appends are refused below it.

@@ -351,6 +351,7 @@ impl LogStore {
         let log = open(LOG_FILE)?;
         let idx = open(INDEX_FILE)?;
         let keys_applied = read_applied(keys.get(APPLIED_KEY)?)?;
+        reclaim_old_sled_keys(&db, &derived)?;
         let store = LogStore {
             db,
             derived,
@@ -651,6 +652,33 @@ impl Drop for LogStore {
             tracing::warn!(%error, "sled flush of the access log at close failed");
         }
     }
+}
+
+/// Before the run indexes, sled held the idempotency keys and checkpoints (with
+/// `m/applied` in sled) and the compliance indexes (the `index` tree of `derived/`). A
+/// store from then is opened like one whose run indexes were lost — rebuilt from the log —
+/// and what sled held is removed, not left to take disk.
+fn reclaim_old_sled_keys(db: &sled::Db, derived: &sled::Db) -> Result<(), StorageError> {
+    if db.get(APPLIED_KEY).map_err(backend)?.is_none() {
+        return Ok(());
+    }
+    tracing::info!(
+        "removing the idempotency keys, checkpoints and indexes sled held before the run indexes"
+    );
+    for key in db.iter().keys() {
+        let key = key.map_err(backend)?;
+        if key.as_ref() != LAYOUT_KEY && key.as_ref() != APPLIED_KEY {
+            db.remove(key).map_err(backend)?;
+        }
+    }
+    derived
+        .drop_tree(super::sled_store::INDEX_TREE)
+        .map_err(backend)?;
+    // Last, so that an interrupted clean-up is taken up again at the next open.
+    db.remove(APPLIED_KEY).map_err(backend)?;
+    db.flush().map_err(backend)?;
+    derived.flush().map_err(backend)?;
+    Ok(())
 }
 
 /// A stored `m/applied` (little-endian u64), 0 when there is none.
@@ -1120,6 +1148,50 @@ mod tests {
         drop(store);
         let store = open(dir.path());
         assert_holds(&store, 7);
+    }
+
+    #[test]
+    fn a_store_whose_keys_sled_held_is_rebuilt_and_sled_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path()));
+        // As a store written before the run indexes: keys and checkpoints in sled only.
+        std::fs::remove_dir_all(dir.path().join(KEYS_DIR)).unwrap();
+        {
+            let store = open(dir.path());
+            store
+                .raw()
+                .insert(APPLIED_KEY, &1234u64.to_le_bytes())
+                .unwrap();
+            store.raw().insert(b"ikey 0", vec![0u8; 40]).unwrap();
+            store.raw().insert(b"c\0\0\0\0\0\0\0\x07", b"note").unwrap();
+            let index = store
+                .derived
+                .open_tree(crate::storage::sled_store::INDEX_TREE)
+                .unwrap();
+            index.insert(b"m/indexed", vec![0u8; 8]).unwrap();
+            store.raw().flush().unwrap();
+            store.derived.flush().unwrap();
+        }
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        let left: Vec<_> = store
+            .raw()
+            .iter()
+            .keys()
+            .map(|k| k.unwrap().to_vec())
+            .collect();
+        assert_eq!(
+            left,
+            vec![LAYOUT_KEY.to_vec()],
+            "sled keeps only the layout"
+        );
+        assert!(
+            !store
+                .derived
+                .tree_names()
+                .iter()
+                .any(|name| name.as_ref() == crate::storage::sled_store::INDEX_TREE)
+        );
     }
 
     #[test]
