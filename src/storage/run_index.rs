@@ -1277,6 +1277,48 @@ mod tests {
         assert_eq!(index.range(&key(3990), &key(9999), 3).unwrap().len(), 3);
     }
 
+    /// Readers racing the writer, the flusher and the merger: whatever mark a reader sees,
+    /// every key written before it is there, by point and by range, while tables freeze,
+    /// turn into runs and runs merge.
+    #[test]
+    fn readers_see_everything_before_the_mark_while_tables_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(RunIndex::open(dir.path(), small()).unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (index, done) = (index.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut checks = 0;
+                    while !done.load(Ordering::Acquire) {
+                        let Some(mark) = index.get(b"m/mark").unwrap() else {
+                            continue;
+                        };
+                        let mark = u32::from_be_bytes(mark.try_into().unwrap());
+                        let keys = index.range(&key(0), &key(mark), usize::MAX).unwrap();
+                        assert_eq!(keys.len() as u32, mark, "a key before the mark is missing");
+                        assert!(index.get(&key(mark.saturating_sub(1))).unwrap().is_some());
+                        checks += 1;
+                    }
+                    checks
+                })
+            })
+            .collect();
+        for n in 0..3000u32 {
+            index
+                .apply(vec![
+                    (key(n), Some(vec![7; 16])),
+                    (b"m/mark".to_vec(), Some((n + 1).to_be_bytes().to_vec())),
+                ])
+                .unwrap();
+        }
+        done.store(true, Ordering::Release);
+        for reader in readers {
+            assert!(reader.join().unwrap() > 0);
+        }
+        assert!(index.runs().0 >= 1);
+    }
+
     #[test]
     fn merges_take_full_tiers_of_adjacent_runs() {
         assert_eq!(pick_merge(&[]), None);
