@@ -51,7 +51,7 @@ use super::run_index::{Filter, RunIndex, RunOptions};
 use super::sled_store::{SledIndex, backend, open_sled};
 use super::{
     Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, IndexStore, RawEntries,
-    RawEntry, StorageError, Store,
+    RawEntry, StorageError, Store, io, malformed,
 };
 use crate::ledger::merkle::{HASH_SIZE, Hash};
 
@@ -143,18 +143,6 @@ pub struct LogStore {
     /// writer holds it through a commit's `fdatasync`).
     log_end: AtomicU64,
     tail: Mutex<Tail>,
-}
-
-fn malformed(text: impl Into<String>) -> StorageError {
-    StorageError::Malformed(text.into())
-}
-
-fn io(error: std::io::Error) -> StorageError {
-    if error.raw_os_error() == Some(28) {
-        StorageError::NoSpace(error.to_string())
-    } else {
-        StorageError::Backend(error.to_string())
-    }
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {

@@ -150,6 +150,20 @@ pub enum StorageError {
     Malformed(String),
 }
 
+/// A stored value with a shape this code does not write.
+pub(super) fn malformed(text: impl Into<String>) -> StorageError {
+    StorageError::Malformed(text.into())
+}
+
+/// A file operation's failure; a full disk is told apart.
+pub(super) fn io(error: std::io::Error) -> StorageError {
+    if error.raw_os_error() == Some(28) {
+        StorageError::NoSpace(error.to_string())
+    } else {
+        StorageError::Backend(error.to_string())
+    }
+}
+
 /// Stored checkpoints as `(tree size, signed note)`, oldest first.
 pub type Checkpoints<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StorageError>> + 'a>;
 

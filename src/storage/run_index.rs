@@ -46,7 +46,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{IndexStore, KeyValue, StorageError};
+use super::{IndexStore, KeyValue, StorageError, io, malformed};
 
 const MANIFEST: &str = "MANIFEST";
 const MANIFEST_MAGIC: &[u8; 4] = b"ARM1";
@@ -142,18 +142,6 @@ impl Default for RunOptions {
 
 /// A value as the index holds it: `None` is a removed key (hides older runs' value).
 type Stored = Option<Vec<u8>>;
-
-fn malformed(text: impl Into<String>) -> StorageError {
-    StorageError::Malformed(text.into())
-}
-
-fn io(error: std::io::Error) -> StorageError {
-    if error.raw_os_error() == Some(28) {
-        StorageError::NoSpace(error.to_string())
-    } else {
-        StorageError::Backend(error.to_string())
-    }
-}
 
 #[derive(Default)]
 struct Memtable {
