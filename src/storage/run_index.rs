@@ -201,6 +201,50 @@ impl Bloom {
     }
 }
 
+/// Where one entry lies in its block.
+struct Located {
+    key: u32,
+    key_len: u16,
+    value_len: u32,
+}
+
+/// One block of a run, read and checked: its bytes and where each entry lies in them
+/// (entries are copied out only when a reader takes them).
+struct Block {
+    bytes: Vec<u8>,
+    entries: Vec<Located>,
+}
+
+impl Block {
+    fn key(&self, n: usize) -> &[u8] {
+        let entry = &self.entries[n];
+        &self.bytes[entry.key as usize..entry.key as usize + entry.key_len as usize]
+    }
+
+    fn entry(&self, n: usize) -> (Vec<u8>, Stored) {
+        let entry = &self.entries[n];
+        let value_at = entry.key as usize + entry.key_len as usize;
+        let value = (entry.value_len != REMOVED)
+            .then(|| self.bytes[value_at..value_at + entry.value_len as usize].to_vec());
+        (self.key(n).to_vec(), value)
+    }
+
+    /// Where `key` is (`Ok`) or would be (`Err`).
+    fn find(&self, key: &[u8]) -> Result<usize, usize> {
+        let mut low = 0;
+        let mut high = self.entries.len();
+        while low < high {
+            let middle = (low + high) / 2;
+            match self.key(middle).cmp(key) {
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle,
+                std::cmp::Ordering::Equal => return Ok(middle),
+            }
+        }
+        Err(low)
+    }
+}
+
 /// One immutable run file, open. Its file stays readable by whoever holds it even after a
 /// merge has replaced and removed it.
 struct Run {
@@ -225,8 +269,8 @@ impl Run {
             .checked_sub(1)
     }
 
-    /// The entries of block `n`, checked against its checksum.
-    fn read_block(&self, n: usize) -> Result<Vec<(Vec<u8>, Stored)>, StorageError> {
+    /// Block `n`, checked against its checksum; its entries are located, not copied.
+    fn read_block(&self, n: usize) -> Result<Block, StorageError> {
         let block = &self.blocks[n];
         let mut bytes = vec![0u8; block.len as usize];
         self.file
@@ -243,7 +287,7 @@ impl Run {
         if xxh3_64(&bytes[..body]).to_le_bytes() != bytes[body..] {
             return Err(bad("checksum does not match"));
         }
-        let mut entries = Vec::new();
+        let mut entries = Vec::with_capacity(64);
         let mut at = 0;
         while at < body {
             if at + 6 > body {
@@ -260,13 +304,14 @@ impl Run {
             if at + key_len + value_bytes > body {
                 return Err(bad("entry runs past the block"));
             }
-            let key = bytes[at..at + key_len].to_vec();
-            at += key_len;
-            let value = (value_len != REMOVED).then(|| bytes[at..at + value_bytes].to_vec());
-            at += value_bytes;
-            entries.push((key, value));
+            entries.push(Located {
+                key: at as u32,
+                key_len: key_len as u16,
+                value_len,
+            });
+            at += key_len + value_bytes;
         }
-        Ok(entries)
+        Ok(Block { bytes, entries })
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Stored>, StorageError> {
@@ -280,11 +325,8 @@ impl Run {
         let Some(n) = self.block_for(key) else {
             return Ok(None);
         };
-        let entries = self.read_block(n)?;
-        Ok(entries
-            .binary_search_by(|(candidate, _)| candidate.as_slice().cmp(key))
-            .ok()
-            .map(|at| entries[at].1.clone()))
+        let block = self.read_block(n)?;
+        Ok(block.find(key).ok().map(|at| block.entry(at).1))
     }
 
     /// Opens the run file `seq` in `dir`, reading its block index and filter.
@@ -736,57 +778,72 @@ impl Drop for RunIndex {
     }
 }
 
-/// One source of a merged read, in key order.
+/// One source of a merged read, in key order, up to `end` (exclusive) when one is given.
 enum Cursor {
     Table {
         table: Arc<Memtable>,
         /// The last key taken (the next chunk starts after it).
         after: Option<Vec<u8>>,
         start: Vec<u8>,
+        end: Option<Vec<u8>>,
         done: bool,
         buffer: VecDeque<(Vec<u8>, Stored)>,
     },
     Run {
         run: Arc<Run>,
         next_block: usize,
-        buffer: VecDeque<(Vec<u8>, Stored)>,
+        block: Option<Block>,
+        /// The next entry of `block`.
+        at: usize,
+        end: Option<Vec<u8>>,
     },
 }
 
 impl Cursor {
-    fn table(table: Arc<Memtable>, start: &[u8]) -> Self {
+    fn table(table: Arc<Memtable>, start: &[u8], end: Option<&[u8]>) -> Self {
         Cursor::Table {
             table,
             after: None,
             start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
             done: false,
             buffer: VecDeque::new(),
         }
     }
 
-    fn run(run: Arc<Run>, start: &[u8]) -> Result<Self, StorageError> {
+    fn run(run: Arc<Run>, start: &[u8], end: Option<&[u8]>) -> Result<Self, StorageError> {
+        let first = run.block_for(start).unwrap_or(0);
         let mut cursor = Cursor::Run {
-            next_block: run.block_for(start).unwrap_or(0),
+            next_block: first,
             run,
-            buffer: VecDeque::new(),
+            block: None,
+            at: 0,
+            end: end.map(<[u8]>::to_vec),
         };
+        cursor.fill()?;
         // Skip what the first block holds before `start`.
-        while let Some(key) = cursor.peek()? {
-            if key >= start {
-                break;
-            }
-            cursor.pop();
+        if let Cursor::Run {
+            block: Some(block),
+            at,
+            ..
+        } = &mut cursor
+        {
+            *at = match block.find(start) {
+                Ok(found) => found,
+                Err(insert) => insert,
+            };
         }
         Ok(cursor)
     }
 
-    /// The next key, refilling the buffer when it is empty.
-    fn peek(&mut self) -> Result<Option<&[u8]>, StorageError> {
+    /// Makes the next entry available to [`Cursor::head`], reading what it must.
+    fn fill(&mut self) -> Result<(), StorageError> {
         match self {
             Cursor::Table {
                 table,
                 after,
                 start,
+                end,
                 done,
                 buffer,
             } => {
@@ -796,36 +853,81 @@ impl Cursor {
                         Some(key) => Bound::Excluded(key.as_slice()),
                         None => Bound::Included(start.as_slice()),
                     };
-                    buffer.extend(
-                        map.range::<[u8], _>((lower, Bound::Unbounded))
-                            .take(CURSOR_CHUNK)
-                            .map(|(key, value)| (key.clone(), value.clone())),
-                    );
+                    let upper = match end {
+                        Some(end) => Bound::Excluded(end.as_slice()),
+                        None => Bound::Unbounded,
+                    };
+                    if lower_below(&lower, &upper) {
+                        buffer.extend(
+                            map.range::<[u8], _>((lower, upper))
+                                .take(CURSOR_CHUNK)
+                                .map(|(key, value)| (key.clone(), value.clone())),
+                        );
+                    }
                     *done = buffer.len() < CURSOR_CHUNK;
                     if let Some((key, _)) = buffer.back() {
                         *after = Some(key.clone());
                     }
                 }
-                Ok(buffer.front().map(|(key, _)| key.as_slice()))
             }
             Cursor::Run {
                 run,
                 next_block,
-                buffer,
+                block,
+                at,
+                end,
             } => {
-                while buffer.is_empty() && *next_block < run.blocks.len() {
-                    buffer.extend(run.read_block(*next_block)?);
+                while block.as_ref().is_none_or(|b| *at >= b.entries.len())
+                    && *next_block < run.blocks.len()
+                {
+                    if end
+                        .as_ref()
+                        .is_some_and(|end| run.blocks[*next_block].first_key >= *end)
+                    {
+                        *next_block = run.blocks.len();
+                        break;
+                    }
+                    *block = Some(run.read_block(*next_block)?);
+                    *at = 0;
                     *next_block += 1;
                 }
-                Ok(buffer.front().map(|(key, _)| key.as_slice()))
             }
+        }
+        Ok(())
+    }
+
+    /// The next key, if [`Cursor::fill`] made one available.
+    fn head(&self) -> Option<&[u8]> {
+        match self {
+            Cursor::Table { buffer, .. } => buffer.front().map(|(key, _)| key.as_slice()),
+            Cursor::Run { block, at, end, .. } => block
+                .as_ref()
+                .filter(|block| *at < block.entries.len())
+                .map(|block| block.key(*at))
+                .filter(|key| end.as_ref().is_none_or(|end| *key < end.as_slice())),
         }
     }
 
     fn pop(&mut self) -> Option<(Vec<u8>, Stored)> {
         match self {
-            Cursor::Table { buffer, .. } | Cursor::Run { buffer, .. } => buffer.pop_front(),
+            Cursor::Table { buffer, .. } => buffer.pop_front(),
+            Cursor::Run { block, at, .. } => {
+                let block = block.as_ref()?;
+                let entry = block.entry(*at);
+                *at += 1;
+                Some(entry)
+            }
         }
+    }
+}
+
+/// Whether the range `(lower, upper)` can hold a key (`BTreeMap::range` panics otherwise).
+fn lower_below(lower: &Bound<&[u8]>, upper: &Bound<&[u8]>) -> bool {
+    match (lower, upper) {
+        (_, Bound::Unbounded) => true,
+        (Bound::Included(low), Bound::Excluded(high)) => low < high,
+        (Bound::Excluded(low), Bound::Excluded(high)) => low < high,
+        _ => true,
     }
 }
 
@@ -841,17 +943,18 @@ struct Merge {
 impl Merge {
     fn next(&mut self) -> Result<Option<(Vec<u8>, Stored)>, StorageError> {
         loop {
-            let mut smallest: Option<(usize, Vec<u8>)> = None;
-            for (n, cursor) in self.cursors.iter_mut().enumerate() {
-                if let Some(key) = cursor.peek()?
-                    && smallest
-                        .as_ref()
-                        .is_none_or(|(_, least)| key < least.as_slice())
-                {
-                    smallest = Some((n, key.to_vec()));
-                }
+            for cursor in &mut self.cursors {
+                cursor.fill()?;
             }
-            let Some((newest, key)) = smallest else {
+            // The smallest key; among equal ones the first cursor's, which is the newest.
+            let Some((newest, key)) = self
+                .cursors
+                .iter()
+                .enumerate()
+                .filter_map(|(n, cursor)| cursor.head().map(|key| (n, key)))
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(n, key)| (n, key.to_vec()))
+            else {
                 return Ok(None);
             };
             if self.end.as_ref().is_some_and(|end| key >= *end) {
@@ -859,8 +962,8 @@ impl Merge {
             }
             let mut value = None;
             for (n, cursor) in self.cursors.iter_mut().enumerate() {
-                if cursor.peek()? == Some(key.as_slice()) {
-                    let (_, stored) = cursor.pop().expect("peeked");
+                if cursor.head() == Some(key.as_slice()) {
+                    let (_, stored) = cursor.pop().expect("has a head");
                     if n == newest {
                         value = Some(stored);
                     }
@@ -923,7 +1026,7 @@ impl IndexStore for RunIndex {
         let version = self.version();
         let mut cursors = Vec::with_capacity(version.memtables.len() + version.runs.len());
         for table in version.memtables {
-            cursors.push(Cursor::table(table, start));
+            cursors.push(Cursor::table(table, start, Some(end)));
         }
         let list = single_list(start, end);
         for run in version.runs {
@@ -934,7 +1037,7 @@ impl IndexStore for RunIndex {
             {
                 continue;
             }
-            cursors.push(Cursor::run(run, start)?);
+            cursors.push(Cursor::run(run, start, Some(end))?);
         }
         let mut merge = Merge {
             cursors,
@@ -1124,7 +1227,7 @@ fn merge_loop(shared: &Shared) -> Result<(), StorageError> {
         let mut merge = Merge {
             cursors: picked
                 .iter()
-                .map(|run| Cursor::run(run.clone(), &[]))
+                .map(|run| Cursor::run(run.clone(), &[], None))
                 .collect::<Result<_, _>>()?,
             end: None,
             keep_removed: !oldest_included,
