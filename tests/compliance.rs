@@ -6,10 +6,11 @@ mod common;
 
 use audit_ledger::proto::compliance_service_client::ComplianceServiceClient;
 use audit_ledger::proto::{
-    AppendRequest, Assessment, CheckSenderRequest, Communication, DirectAgreement, Fact,
-    GetCheckpointRequest, GetEntryRequest, GetInclusionProofRequest, ListCommunicationsRequest,
-    ListViolationsRequest, Party, PartyKind, RecordFactRequest, ResellerRelationship, Subscription,
-    Topic, Transfer, TransferState, Verdict, fact::Kind, leaf_record,
+    AppendBatchRequest, AppendRequest, Assessment, CheckSenderRequest, Communication,
+    DirectAgreement, Fact, GetCheckpointRequest, GetEntryRequest, GetInclusionProofRequest,
+    ListCommunicationsRequest, ListViolationsRequest, Party, PartyKind, RecordFactRequest,
+    ResellerRelationship, Subscription, Topic, Transfer, TransferState, Verdict, fact::Kind,
+    leaf_record,
 };
 use common::{TestServer, hash32, rfc9162};
 use tonic::Code;
@@ -680,6 +681,79 @@ async fn scenario_answers_one_by_one() {
         })
         .await;
     assert_eq!(everything.len(), 14);
+    server.stop().await;
+}
+
+/// A batch's verdicts at ingestion (judged together, each fact list read once) are the
+/// ones CheckSender gives for each communication alone, at the same tree size.
+#[tokio::test]
+async fn a_batch_is_judged_as_each_communication_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_scenario(&mut s).await;
+    let asked = [
+        ("contoso", "c-alpha", Topic::Commercial, "sub-a1", 15),
+        ("litware", "c-alpha", Topic::Commercial, "sub-a1", 15),
+        ("litware", "c-alpha", Topic::Transition, "", 15),
+        ("contoso", "c-alpha", Topic::Commercial, "sub-a1", 25),
+        ("fabrikam", "c-beta", Topic::Commercial, "sub-b1", 5),
+        ("tdsynnex", "c-beta", Topic::Support, "sub-b1", 5),
+        ("tdsynnex", "c-beta", Topic::Commercial, "sub-b1", 5),
+        ("msft", "c-beta", Topic::Commercial, "sub-b1", 5),
+        ("msft", "c-alpha", Topic::Operational, "", 5),
+        ("unknown-co", "c-alpha", Topic::General, "", 5),
+    ];
+    let communications = asked
+        .iter()
+        .enumerate()
+        .map(
+            |(n, (sender, customer, topic, subscription, day))| Communication {
+                message_id: format!("batch-{n}"),
+                sender_id: (*sender).into(),
+                customer_id: (*customer).into(),
+                topic: *topic as i32,
+                channel: "email".into(),
+                sent_at: Some(at(*day, n as i64)),
+                subject: format!("Batch message {n}"),
+                body: b"body".to_vec(),
+                attributes: Default::default(),
+                subscription_id: (*subscription).into(),
+                product_id: String::new(),
+            },
+        )
+        .collect();
+    let results = s
+        .ledger
+        .append_batch(AppendBatchRequest { communications })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), asked.len());
+    let mut rules = std::collections::HashSet::new();
+    for ((sender, customer, topic, subscription, day), result) in asked.iter().zip(results) {
+        let judged = result.assessment.expect("each result carries its verdict");
+        let mut alone = s
+            .check(
+                sender,
+                customer,
+                *topic,
+                subscription,
+                *day,
+                judged.tree_size,
+            )
+            .await;
+        // CheckSender asks at the instant given; the communication was judged at its
+        // sent_at, a few seconds later the same day: no fact changes in between.
+        alone.explanation.clone_from(&judged.explanation);
+        assert_eq!(
+            judged, alone,
+            "{sender} -> {customer} about {topic:?} on day {day}"
+        );
+        rules.insert(judged.rule);
+    }
+    assert!(rules.len() >= 6, "the batch spans many rules: {rules:?}");
     server.stop().await;
 }
 

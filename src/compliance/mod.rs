@@ -25,6 +25,9 @@ use index::{
 };
 use page_token::{PagePosition, PageTokens, fingerprint};
 
+/// Fact lists already read, by list prefix: `(ledger index, fact)`.
+type FactLists = HashMap<Vec<u8>, Vec<(u64, proto::Fact)>>;
+
 /// Paging limits.
 #[derive(Debug, Clone)]
 pub struct QueryLimits {
@@ -147,35 +150,70 @@ impl Compliance {
         subscription_id: &str,
         tree_size: u64,
     ) -> Result<Vec<RecordedFact>, LedgerError> {
-        let mut lists = vec![
+        self.facts_from(
+            sender_id,
+            customer_id,
+            subscription_id,
+            tree_size,
+            &mut HashMap::new(),
+        )
+    }
+
+    /// [`Compliance::facts`], taking each list from `lists` (lists read at `tree_size`),
+    /// reading and keeping there the ones it does not hold yet.
+    fn facts_from(
+        &self,
+        sender_id: &str,
+        customer_id: &str,
+        subscription_id: &str,
+        tree_size: u64,
+        lists: &mut FactLists,
+    ) -> Result<Vec<RecordedFact>, LedgerError> {
+        let mut prefixes = vec![
             list_prefix(b'F', FACT_BY_PARTY, sender_id),
             list_prefix(b'F', FACT_BY_CUSTOMER, customer_id),
         ];
         if !subscription_id.is_empty() {
-            lists.push(list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id));
+            prefixes.push(list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id));
         }
         let mut facts: Vec<RecordedFact> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for prefix in lists {
-            for (key, value) in self
-                .index
-                .range(&prefix, &prefix_end(&prefix), usize::MAX)?
-            {
-                let Some(index) = index::index_of_key(&key) else {
-                    continue;
-                };
+        for prefix in prefixes {
+            if !lists.contains_key(&prefix) {
+                let list = self.fact_list(&prefix, tree_size)?;
+                lists.insert(prefix.clone(), list);
+            }
+            for (index, fact) in &lists[&prefix] {
                 // A fact can be listed under several keys (e.g. a subscription under its
                 // customer and itself); count it once.
-                if index >= tree_size || !seen.insert(index) {
-                    continue;
+                if seen.insert(*index) {
+                    facts.extend(to_policy(*index, fact));
                 }
-                let fact = proto::Fact::decode(value.as_slice()).map_err(|_| {
-                    LedgerError::Integrity(format!("the index holds an undecodable fact {index}"))
-                })?;
-                facts.extend(to_policy(index, &fact));
             }
         }
         Ok(facts)
+    }
+
+    /// The facts of one index list at indices below `tree_size`, decoded.
+    fn fact_list(
+        &self,
+        prefix: &[u8],
+        tree_size: u64,
+    ) -> Result<Vec<(u64, proto::Fact)>, LedgerError> {
+        let mut list = Vec::new();
+        for (key, value) in self.index.range(prefix, &prefix_end(prefix), usize::MAX)? {
+            let Some(index) = index::index_of_key(&key) else {
+                continue;
+            };
+            if index >= tree_size {
+                continue;
+            }
+            let fact = proto::Fact::decode(value.as_slice()).map_err(|_| {
+                LedgerError::Integrity(format!("the index holds an undecodable fact {index}"))
+            })?;
+            list.push((index, fact));
+        }
+        Ok(list)
     }
 
     /// Judges a question on the facts recorded below `as_of_tree_size` (0: all so far).
@@ -193,6 +231,31 @@ impl Compliance {
             tree_size,
         )?;
         Ok((policy::assess(question, &facts), tree_size))
+    }
+
+    /// Judges many questions on every fact recorded so far, all at one tree size (returned),
+    /// reading each fact list once: a batch's communications share senders, and often
+    /// customers and subscriptions.
+    pub fn check_many(
+        &self,
+        questions: &[Question],
+    ) -> Result<(Vec<Assessment>, u64), LedgerError> {
+        let tree_size = self.ledger.tree_size();
+        let mut lists = FactLists::new();
+        let assessments = questions
+            .iter()
+            .map(|question| {
+                let facts = self.facts_from(
+                    &question.sender_id,
+                    &question.customer_id,
+                    &question.subscription_id,
+                    tree_size,
+                    &mut lists,
+                )?;
+                Ok(policy::assess(question, &facts))
+            })
+            .collect::<Result<_, LedgerError>>()?;
+        Ok((assessments, tree_size))
     }
 
     /// Whether a subscription fact for `subscription_id` is recorded.

@@ -65,6 +65,25 @@ impl LedgerApi {
         telemetry::count_verdict(&assessment);
         Ok(Some(assessment_message(assessment, tree_size)))
     }
+
+    /// [`LedgerApi::assess`] for a batch, reading each fact list once.
+    fn assess_all(
+        &self,
+        questions: Vec<Option<crate::policy::Question>>,
+    ) -> Result<Vec<Option<crate::proto::Assessment>>, Status> {
+        let asked: Vec<crate::policy::Question> = questions.iter().flatten().cloned().collect();
+        let (assessments, tree_size) = self.compliance.check_many(&asked).map_err(to_status)?;
+        let mut assessments = assessments.into_iter();
+        Ok(questions
+            .iter()
+            .map(|question| {
+                question.as_ref()?;
+                let assessment = assessments.next().expect("one assessment per question");
+                telemetry::count_verdict(&assessment);
+                Some(assessment_message(assessment, tree_size))
+            })
+            .collect())
+    }
 }
 
 /// Counts what an append did (`count` records submitted), and maps its error.
@@ -210,11 +229,12 @@ impl LedgerService for LedgerApi {
             .map_err(to_status)?;
         let count = records.len() as u64;
         let appended = counted(names::APPENDS, count, self.ledger.append(records).await)?;
+        let assessments = self.assess_all(questions)?;
         let results = appended
             .into_iter()
-            .zip(questions)
-            .map(|(appended, question)| Ok(append_result(appended, self.assess(question)?)))
-            .collect::<Result<Vec<_>, Status>>()?;
+            .zip(assessments)
+            .map(|(appended, assessment)| append_result(appended, assessment))
+            .collect();
         Ok(Response::new(AppendBatchResponse { results }))
     }
 

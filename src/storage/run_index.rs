@@ -182,7 +182,11 @@ impl Bloom {
     }
 
     fn positions(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
-        let hash = xxh3_64(key);
+        self.positions_of(xxh3_64(key))
+    }
+
+    /// The bits of a key whose xxh3-64 is `hash` (hashed once for every run's filter).
+    fn positions_of(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
         let (first, step) = (hash as u32, (hash >> 32) as u32 | 1);
         let bits = self.words.len() * 64;
         (0..self.hashes).map(move |i| first.wrapping_add(i.wrapping_mul(step)) as usize % bits)
@@ -196,7 +200,11 @@ impl Bloom {
     }
 
     fn may_hold(&self, key: &[u8]) -> bool {
-        self.positions(key)
+        self.may_hold_hash(xxh3_64(key))
+    }
+
+    fn may_hold_hash(&self, hash: u64) -> bool {
+        self.positions_of(hash)
             .all(|bit| self.words[bit / 64] & (1 << (bit % 64)) != 0)
     }
 }
@@ -1026,14 +1034,24 @@ impl IndexStore for RunIndex {
         let version = self.version();
         let mut cursors = Vec::with_capacity(version.memtables.len() + version.runs.len());
         for table in version.memtables {
-            cursors.push(Cursor::table(table, start, Some(end)));
+            // Most lists are in no table (a customer's facts): no cursor for those.
+            let holds = table
+                .map
+                .read()
+                .expect("memtable lock")
+                .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+                .next()
+                .is_some();
+            if holds {
+                cursors.push(Cursor::table(table, start, Some(end)));
+            }
         }
-        let list = single_list(start, end);
+        let list = single_list(start, end).map(xxh3_64);
         for run in version.runs {
             // A run whose filter says it holds nothing of the one list asked for is skipped.
             if let (Some(list), Some(bloom)) = (list, &run.bloom)
                 && bloom.filter == Filter::Lists
-                && !bloom.may_hold(list)
+                && !bloom.may_hold_hash(list)
             {
                 continue;
             }
