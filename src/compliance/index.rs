@@ -20,7 +20,7 @@ use prost::Message;
 
 use crate::ledger::Indexer;
 use crate::ledger::time::Timestamp;
-use crate::proto::{self, LeafRecord, fact::Kind, leaf_record};
+use crate::proto::{self, fact::Kind};
 use crate::storage::{IndexStore, StorageError, Store};
 
 const INDEXED_SIZE: &[u8] = b"m/indexed";
@@ -186,6 +186,14 @@ struct ListedLeaf {
     communication: Option<ListedCommunication>,
 }
 
+/// A `LeafRecord` (ledger.proto) read through its `fact` field (tag 11) alone: the writer
+/// indexes facts before publishing and skips the communications of its group unread.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FactLeaf {
+    #[prost(message, optional, tag = "11")]
+    fact: Option<proto::Fact>,
+}
+
 /// The fields of a `CommunicationRecord` (ledger.proto) its list keys are made of.
 #[derive(Clone, PartialEq, prost::Message)]
 struct ListedCommunication {
@@ -347,44 +355,39 @@ impl Indexer for ComplianceIndexer {
         // Subscriptions first seen in this batch, for the transfers that follow them.
         let mut customers: HashMap<String, String> = HashMap::new();
         for &(index, leaf) in entries {
-            let record = LeafRecord::decode(leaf)
+            // Communications (skipped unread here): the following thread reads them.
+            let Some(fact) = FactLeaf::decode(leaf)
                 .map_err(|_| StorageError::Malformed(format!("entry {index} is not a LeafRecord")))?
-                .record;
-            match record {
-                // Communications: the following thread reads them from the store.
-                Some(leaf_record::Record::Communication(_)) => {}
-                Some(leaf_record::Record::Fact(fact)) => {
-                    let value = fact.encode_to_vec();
-                    let mut put = |dim, id: &str| {
-                        writes.push((fact_key(dim, id, index), Some(value.clone())));
+                .fact
+            else {
+                continue;
+            };
+            let value = fact.encode_to_vec();
+            let mut put = |dim, id: &str| {
+                writes.push((fact_key(dim, id, index), Some(value.clone())));
+            };
+            match &fact.kind {
+                Some(Kind::Party(party)) => put(FACT_BY_PARTY, &party.party_id),
+                Some(Kind::ResellerRelationship(r)) => put(FACT_BY_CUSTOMER, &r.customer_id),
+                Some(Kind::Subscription(s)) => {
+                    put(FACT_BY_CUSTOMER, &s.customer_id);
+                    put(FACT_BY_SUBSCRIPTION, &s.subscription_id);
+                    customers.insert(s.subscription_id.clone(), s.customer_id.clone());
+                }
+                Some(Kind::Transfer(t)) => {
+                    put(FACT_BY_SUBSCRIPTION, &t.subscription_id);
+                    let customer = match customers.get(&t.subscription_id) {
+                        Some(customer) => Some(customer.clone()),
+                        None => self.customer_of(&t.subscription_id)?,
                     };
-                    match &fact.kind {
-                        Some(Kind::Party(party)) => put(FACT_BY_PARTY, &party.party_id),
-                        Some(Kind::ResellerRelationship(r)) => {
-                            put(FACT_BY_CUSTOMER, &r.customer_id)
-                        }
-                        Some(Kind::Subscription(s)) => {
-                            put(FACT_BY_CUSTOMER, &s.customer_id);
-                            put(FACT_BY_SUBSCRIPTION, &s.subscription_id);
-                            customers.insert(s.subscription_id.clone(), s.customer_id.clone());
-                        }
-                        Some(Kind::Transfer(t)) => {
-                            put(FACT_BY_SUBSCRIPTION, &t.subscription_id);
-                            let customer = match customers.get(&t.subscription_id) {
-                                Some(customer) => Some(customer.clone()),
-                                None => self.customer_of(&t.subscription_id)?,
-                            };
-                            if let Some(customer) = customer {
-                                writes.push((
-                                    fact_key(FACT_BY_CUSTOMER, &customer, index),
-                                    Some(value.clone()),
-                                ));
-                            }
-                        }
-                        Some(Kind::DirectAgreement(a)) => put(FACT_BY_CUSTOMER, &a.customer_id),
-                        None => {}
+                    if let Some(customer) = customer {
+                        writes.push((
+                            fact_key(FACT_BY_CUSTOMER, &customer, index),
+                            Some(value.clone()),
+                        ));
                     }
                 }
+                Some(Kind::DirectAgreement(a)) => put(FACT_BY_CUSTOMER, &a.customer_id),
                 None => {}
             }
         }
@@ -405,7 +408,7 @@ impl Indexer for ComplianceIndexer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{CommunicationRecord, Fact, Party};
+    use crate::proto::{CommunicationRecord, Fact, LeafRecord, Party, leaf_record};
 
     /// The keys from the partial decode are the ones the whole record gives.
     #[test]
@@ -463,6 +466,17 @@ mod tests {
         }
         .encode_to_vec();
         assert!(communication_keys(42, &fact).unwrap().is_empty());
+        // The writer's partial decode finds the fact, and nothing in a communication.
+        let Some(Kind::Party(party)) = FactLeaf::decode(fact.as_slice())
+            .unwrap()
+            .fact
+            .unwrap()
+            .kind
+        else {
+            panic!("the party fact");
+        };
+        assert_eq!(party.display_name, "Contoso");
+        assert!(FactLeaf::decode(leaf.as_slice()).unwrap().fact.is_none());
         assert!(communication_keys(43, b"\xff\xff\xff").is_err());
     }
 }
