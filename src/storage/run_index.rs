@@ -199,6 +199,7 @@ impl Bloom {
         }
     }
 
+    #[cfg(test)]
     fn may_hold(&self, key: &[u8]) -> bool {
         self.may_hold_hash(xxh3_64(key))
     }
@@ -322,13 +323,19 @@ impl Run {
         Ok(Block { bytes, entries })
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Stored>, StorageError> {
-        if self
-            .bloom
-            .as_ref()
-            .is_some_and(|bloom| !bloom.may_hold(bloom.filter.of(key)))
-        {
-            return Ok(None);
+    /// `key`'s value in this run; `hashes` keeps the key's filter hashes (by [`Filter`])
+    /// across the runs of one lookup, so that each is computed once.
+    fn get(
+        &self,
+        key: &[u8],
+        hashes: &mut [Option<u64>; 2],
+    ) -> Result<Option<Stored>, StorageError> {
+        if let Some(bloom) = &self.bloom {
+            let slot = &mut hashes[usize::from(bloom.filter == Filter::Lists)];
+            let hash = *slot.get_or_insert_with(|| xxh3_64(bloom.filter.of(key)));
+            if !bloom.may_hold_hash(hash) {
+                return Ok(None);
+            }
         }
         let Some(n) = self.block_for(key) else {
             return Ok(None);
@@ -1019,8 +1026,9 @@ impl IndexStore for RunIndex {
                 return Ok(stored.clone());
             }
         }
+        let mut hashes = [None; 2];
         for run in &version.runs {
-            if let Some(stored) = run.get(key)? {
+            if let Some(stored) = run.get(key, &mut hashes)? {
                 return Ok(stored);
             }
         }
