@@ -342,9 +342,9 @@ impl Store for SledStore {
     }
 }
 
-/// Idempotency keys and checkpoints as both backends keep them in sled (the log store keeps
-/// nothing else in its main sled database).
-pub(super) mod keyed {
+/// Idempotency keys and checkpoints as the sled store keeps them (the log store kept them so
+/// too before its run indexes; it removes them when it meets them, `log_store` at open).
+mod keyed {
     use super::{
         CHECKPOINT, Checkpoints, IDEMPOTENCY, IdempotencyRecord, IdempotencyRecords, StorageError,
         backend, checkpoint_key, idempotency_key, index_of,
