@@ -685,37 +685,36 @@ impl RunIndex {
     /// until every frozen table is a run.
     fn freeze(&self, wait_written: bool) -> Result<(), StorageError> {
         let shared = &self.shared;
-        let mut version = shared.version.lock().expect("version lock");
+        let version = shared.version.lock().expect("version lock");
         // Backpressure: no more than `max_frozen` tables wait for the flusher.
-        while version.memtables.len() > shared.options.max_frozen {
-            drop(version);
-            self.check_failure()?;
-            version = shared.version.lock().expect("version lock");
-            if version.memtables.len() > shared.options.max_frozen {
-                version = shared
-                    .changed
-                    .wait_timeout(version, std::time::Duration::from_millis(100))
-                    .expect("version lock")
-                    .0;
-            }
-        }
+        let mut version = self.wait_for_tables(version, shared.options.max_frozen)?;
         if !version.memtables[0].is_empty() {
             version.memtables.insert(0, Arc::default());
             shared.changed.notify_all();
         }
-        while wait_written && version.memtables.len() > 1 {
-            drop(version);
-            self.check_failure()?;
-            version = shared.version.lock().expect("version lock");
-            if version.memtables.len() > 1 {
-                version = shared
-                    .changed
-                    .wait_timeout(version, std::time::Duration::from_millis(100))
-                    .expect("version lock")
-                    .0;
-            }
+        if wait_written {
+            drop(self.wait_for_tables(version, 1)?);
         }
         Ok(())
+    }
+
+    /// Waits until at most `most` tables are in memory (the active one and those the
+    /// flusher has not written yet); an error if the flusher failed meanwhile.
+    fn wait_for_tables<'a>(
+        &'a self,
+        mut version: std::sync::MutexGuard<'a, Version>,
+        most: usize,
+    ) -> Result<std::sync::MutexGuard<'a, Version>, StorageError> {
+        while version.memtables.len() > most {
+            self.check_failure()?;
+            version = self
+                .shared
+                .changed
+                .wait_timeout(version, std::time::Duration::from_millis(100))
+                .expect("version lock")
+                .0;
+        }
+        Ok(version)
     }
 
     /// Runs on disk and the bytes they take (for reports and tests).
