@@ -69,8 +69,18 @@ pub const INDEX_DIR: &str = "index";
 const KEY_PREFIX: u8 = b'i';
 /// Prefix of a checkpoint in `keys/` (then the tree size, big-endian, so they sort).
 const CHECKPOINT_PREFIX: u8 = b'c';
-/// The latest checkpoint in `keys/`: tree size (u64 BE) ‖ note.
+/// The latest checkpoint in `keys/`: tree size (u64 BE) ‖ note. A copy of the highest
+/// `c` key, kept because a run index reads forward only: without it every start would scan
+/// all checkpoints to find the last.
 const LATEST_KEY: &[u8] = b"m/latest";
+
+/// An idempotency key as `keys/` holds it.
+fn idempotency_key(key: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(1 + key.len());
+    stored.push(KEY_PREFIX);
+    stored.extend_from_slice(key);
+    stored
+}
 
 fn checkpoint_key(size: u64) -> Vec<u8> {
     let mut key = vec![CHECKPOINT_PREFIX];
@@ -502,10 +512,7 @@ impl LogStore {
         }
         let mut writes = Vec::with_capacity(keys.len() + 3);
         for (key, record) in keys {
-            let mut stored = Vec::with_capacity(1 + key.len());
-            stored.push(KEY_PREFIX);
-            stored.extend_from_slice(key);
-            writes.push((stored, Some(record.encode().to_vec())));
+            writes.push((idempotency_key(key), Some(record.encode().to_vec())));
         }
         if let Some((size, note)) = checkpoint {
             writes.push((checkpoint_key(*size), Some(note.clone())));
@@ -823,10 +830,7 @@ impl Store for LogStore {
     }
 
     fn idempotency_record(&self, key: &[u8]) -> Result<Option<IdempotencyRecord>, StorageError> {
-        let mut stored = Vec::with_capacity(1 + key.len());
-        stored.push(KEY_PREFIX);
-        stored.extend_from_slice(key);
-        match self.keys.get(&stored)? {
+        match self.keys.get(&idempotency_key(key))? {
             Some(bytes) => IdempotencyRecord::decode(&bytes)
                 .map(Some)
                 .ok_or_else(|| malformed("idempotency record")),
@@ -1127,9 +1131,7 @@ mod tests {
             Some(second_frame.to_le_bytes().to_vec()),
         )];
         for index in 0..7u64 {
-            let mut key = vec![KEY_PREFIX];
-            key.extend_from_slice(format!("key {index}").as_bytes());
-            writes.push((key, None));
+            writes.push((idempotency_key(format!("key {index}").as_bytes()), None));
         }
         store.keys.apply(writes).unwrap();
         assert_eq!(store.idempotency_record(b"key 5").unwrap(), None);
