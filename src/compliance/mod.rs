@@ -315,8 +315,8 @@ impl Compliance {
             Some(position) => position.tree_size,
             None => self.tree_size_as_of(filter.as_of_tree_size)?,
         };
-        // Facts per (sender, customer, subscription), read once per page.
-        let mut facts_cache: HashMap<(String, String, String), Vec<RecordedFact>> = HashMap::new();
+        // Each fact list read once per page (as for a batch at ingestion).
+        let mut lists = FactLists::new();
         let (items, next) = self.scan(
             &filter.communications,
             tree_size,
@@ -326,19 +326,14 @@ impl Compliance {
                 let Some(question) = question(record) else {
                     return Ok(None);
                 };
-                let key = (
-                    question.sender_id.clone(),
-                    question.customer_id.clone(),
-                    question.subscription_id.clone(),
-                );
-                let facts = match facts_cache.get(&key) {
-                    Some(facts) => facts,
-                    None => {
-                        let facts = self.facts(&key.0, &key.1, &key.2, tree_size)?;
-                        facts_cache.entry(key).or_insert(facts)
-                    }
-                };
-                let assessment = policy::assess(&question, facts);
+                let facts = self.facts_from(
+                    &question.sender_id,
+                    &question.customer_id,
+                    &question.subscription_id,
+                    tree_size,
+                    &mut lists,
+                )?;
+                let assessment = policy::assess(&question, &facts);
                 let wanted = match assessment.verdict {
                     Verdict::Violation => true,
                     Verdict::Review => filter.include_review,
