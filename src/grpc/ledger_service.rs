@@ -124,7 +124,7 @@ impl AppendedCount for Vec<Appended> {
 fn check_sender_binding(
     principal: Option<&Principal>,
     communication: &crate::proto::Communication,
-    field: &str,
+    field: impl std::fmt::Display,
 ) -> Result<(), Status> {
     match principal {
         Some(principal) if !principal.may_send_as(&communication.sender_id) => {
@@ -210,7 +210,7 @@ impl LedgerService for LedgerApi {
             check_sender_binding(
                 principal.as_ref(),
                 communication,
-                &format!("communications[{position}]"),
+                format_args!("communications[{position}]"),
             )?;
         }
         let questions: Vec<_> = communications.iter().map(question_of).collect();

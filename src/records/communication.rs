@@ -78,19 +78,19 @@ pub fn prepare_communication(
     limits: &RecordLimits,
     submitted_by: &str,
 ) -> Result<NewRecord, LedgerError> {
-    let name = |sub: &str| format!("{field}.{sub}");
+    let name = |sub| validate::Sub(field, sub);
     validate::required_id(
-        &name("message_id"),
+        name("message_id"),
         &communication.message_id,
         limits.max_id_bytes,
     )?;
     validate::required_id(
-        &name("sender_id"),
+        name("sender_id"),
         &communication.sender_id,
         limits.max_id_bytes,
     )?;
     validate::required_id(
-        &name("customer_id"),
+        name("customer_id"),
         &communication.customer_id,
         limits.max_id_bytes,
     )?;
@@ -106,22 +106,18 @@ pub fn prepare_communication(
         }
         Ok(_) => {}
     }
-    validate::optional_id(
-        &name("channel"),
-        &communication.channel,
-        limits.max_id_bytes,
-    )?;
+    validate::optional_id(name("channel"), &communication.channel, limits.max_id_bytes)?;
     let sent_at = communication
         .sent_at
         .ok_or_else(|| LedgerError::invalid(name("sent_at"), "must be set"))?;
-    validate::timestamp(&name("sent_at"), &sent_at)?;
+    validate::timestamp(name("sent_at"), &sent_at)?;
     validate::max_len(
-        &name("subject"),
+        name("subject"),
         communication.subject.len(),
         limits.max_subject_bytes,
     )?;
     validate::max_len(
-        &name("body"),
+        name("body"),
         communication.body.len(),
         limits.max_body_bytes,
     )?;
@@ -136,20 +132,20 @@ pub fn prepare_communication(
         ));
     }
     for (key, value) in &communication.attributes {
-        validate::required_id(&name("attributes"), key, limits.max_id_bytes)?;
+        validate::required_id(name("attributes"), key, limits.max_id_bytes)?;
         validate::max_len(
-            &format!("{field}.attributes[{key}]"),
+            format_args!("{field}.attributes[{key}]"),
             value.len(),
             limits.max_attribute_value_bytes,
         )?;
     }
     validate::optional_id(
-        &name("subscription_id"),
+        name("subscription_id"),
         &communication.subscription_id,
         limits.max_id_bytes,
     )?;
     validate::optional_id(
-        &name("product_id"),
+        name("product_id"),
         &communication.product_id,
         limits.max_id_bytes,
     )?;

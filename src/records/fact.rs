@@ -31,17 +31,17 @@ pub fn prepare_fact(
     limits: &RecordLimits,
     submitted_by: &str,
 ) -> Result<NewRecord, LedgerError> {
-    let name = |sub: &str| format!("{field}.{sub}");
+    let name = |sub| validate::Sub(field, sub);
     let max = limits.max_id_bytes;
-    validate::required_id(&name("fact_id"), &fact.fact_id, max)?;
+    validate::required_id(name("fact_id"), &fact.fact_id, max)?;
     let effective_at = fact
         .effective_at
         .ok_or_else(|| LedgerError::invalid(name("effective_at"), "must be set"))?;
-    validate::timestamp(&name("effective_at"), &effective_at)?;
+    validate::timestamp(name("effective_at"), &effective_at)?;
     match &fact.kind {
         None => return Err(LedgerError::invalid(name("kind"), "must be set")),
         Some(Kind::Party(party)) => {
-            validate::required_id(&name("party.party_id"), &party.party_id, max)?;
+            validate::required_id(name("party.party_id"), &party.party_id, max)?;
             match PartyKind::try_from(party.kind) {
                 Ok(PartyKind::Unspecified) => {
                     return Err(LedgerError::invalid(name("party.kind"), "must be set"));
@@ -55,33 +55,33 @@ pub fn prepare_fact(
                 Ok(_) => {}
             }
             validate::max_len(
-                &name("party.display_name"),
+                name("party.display_name"),
                 party.display_name.len(),
                 MAX_DISPLAY_NAME_BYTES,
             )?;
         }
         Some(Kind::ResellerRelationship(relationship)) => {
-            let sub = |f: &str| name(&format!("reseller_relationship.{f}"));
-            validate::required_id(&sub("customer_id"), &relationship.customer_id, max)?;
-            validate::required_id(&sub("partner_id"), &relationship.partner_id, max)?;
+            let sub = |f| validate::Sub(name("reseller_relationship"), f);
+            validate::required_id(sub("customer_id"), &relationship.customer_id, max)?;
+            validate::required_id(sub("partner_id"), &relationship.partner_id, max)?;
         }
         Some(Kind::Subscription(subscription)) => {
-            let sub = |f: &str| name(&format!("subscription.{f}"));
-            validate::required_id(&sub("subscription_id"), &subscription.subscription_id, max)?;
-            validate::required_id(&sub("customer_id"), &subscription.customer_id, max)?;
-            validate::required_id(&sub("biller_id"), &subscription.biller_id, max)?;
+            let sub = |f| validate::Sub(name("subscription"), f);
+            validate::required_id(sub("subscription_id"), &subscription.subscription_id, max)?;
+            validate::required_id(sub("customer_id"), &subscription.customer_id, max)?;
+            validate::required_id(sub("biller_id"), &subscription.biller_id, max)?;
             validate::optional_id(
-                &sub("support_contact_id"),
+                sub("support_contact_id"),
                 &subscription.support_contact_id,
                 max,
             )?;
-            validate::optional_id(&sub("provider_id"), &subscription.provider_id, max)?;
+            validate::optional_id(sub("provider_id"), &subscription.provider_id, max)?;
         }
         Some(Kind::Transfer(transfer)) => {
-            let sub = |f: &str| name(&format!("transfer.{f}"));
-            validate::required_id(&sub("subscription_id"), &transfer.subscription_id, max)?;
-            validate::required_id(&sub("from_partner_id"), &transfer.from_partner_id, max)?;
-            validate::required_id(&sub("to_partner_id"), &transfer.to_partner_id, max)?;
+            let sub = |f| validate::Sub(name("transfer"), f);
+            validate::required_id(sub("subscription_id"), &transfer.subscription_id, max)?;
+            validate::required_id(sub("from_partner_id"), &transfer.from_partner_id, max)?;
+            validate::required_id(sub("to_partner_id"), &transfer.to_partner_id, max)?;
             if transfer.from_partner_id == transfer.to_partner_id {
                 return Err(LedgerError::invalid(
                     sub("to_partner_id"),
@@ -102,9 +102,9 @@ pub fn prepare_fact(
             }
         }
         Some(Kind::DirectAgreement(agreement)) => {
-            let sub = |f: &str| name(&format!("direct_agreement.{f}"));
-            validate::required_id(&sub("customer_id"), &agreement.customer_id, max)?;
-            validate::optional_id(&sub("product_id"), &agreement.product_id, max)?;
+            let sub = |f| validate::Sub(name("direct_agreement"), f);
+            validate::required_id(sub("customer_id"), &agreement.customer_id, max)?;
+            validate::optional_id(sub("product_id"), &agreement.product_id, max)?;
         }
     }
     let idempotency_key = idempotency_key(&fact.fact_id);
