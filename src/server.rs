@@ -109,9 +109,11 @@ impl Server {
             config.cache_bytes,
         )?;
         let index: Arc<dyn IndexStore> = opened.index;
+        let facts: Arc<dyn IndexStore> = opened.facts;
         let access = AccessLog::open(Arc::new(opened.access))?;
         let token_secret = signer.secret_bytes();
-        let (indexer, progress) = ComplianceIndexer::new(index.clone(), opened.store.clone());
+        let (indexer, progress) =
+            ComplianceIndexer::new(index.clone(), facts.clone(), opened.store.clone())?;
         let ledger = Ledger::open(
             opened.store,
             signer,
@@ -126,6 +128,7 @@ impl Server {
         let compliance = Compliance::new(
             ledger.clone(),
             index,
+            facts,
             progress,
             &token_secret,
             config.query_limits.clone(),
@@ -283,9 +286,10 @@ pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64,
         StorageKind::default(),
         64 * 1024 * 1024,
     )?;
-    let index = opened.index;
-    index.clear()?;
-    let (indexer, progress) = ComplianceIndexer::new(index, opened.store.clone());
+    opened.index.clear()?;
+    opened.facts.clear()?;
+    let (indexer, progress) =
+        ComplianceIndexer::new(opened.index, opened.facts, opened.store.clone())?;
     let ledger = Ledger::open(
         opened.store,
         signer,

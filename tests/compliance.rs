@@ -912,7 +912,7 @@ async fn reindex_gives_identical_answers() {
     // Damage the derived indexes behind the server's back: c-alpha's facts vanish.
     {
         let store = common::open_any_store(&dir.path().join(audit_ledger::server::STORE_DIR_NAME));
-        let index = store.index;
+        let index = store.facts;
         let prefix = audit_ledger::compliance::index::list_prefix(b'F', b'c', "c-alpha");
         let end = audit_ledger::compliance::index::prefix_end(&prefix);
         let keys = index.range(&prefix, &end, usize::MAX).unwrap();
@@ -976,6 +976,80 @@ async fn reindex_gives_identical_answers() {
         output.status.success() && stdout.starts_with("ok: 30 entries"),
         "{stdout}"
     );
+}
+
+/// A store from before the fact lists had an index of their own kept them among the
+/// communication lists: the first start moves them out, and every answer stays the same.
+#[tokio::test]
+async fn facts_kept_among_the_communication_lists_are_moved_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_scenario(&mut s).await;
+    let everything = ListViolationsRequest {
+        include_review: true,
+        ..Default::default()
+    };
+    let violations = s.violations(everything.clone()).await;
+    let check = s
+        .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
+        .await;
+    drop(s);
+    server.stop().await;
+
+    let store_dir = dir.path().join(audit_ledger::server::STORE_DIR_NAME);
+    let fact_keys = |index: &dyn audit_ledger::storage::IndexStore| {
+        index
+            .range(b"F", b"G", usize::MAX)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    let moved = {
+        // Lay the store out as before: the fact keys in `index`, no `facts` at all.
+        let store = common::open_any_store(&store_dir);
+        let moved = fact_keys(store.facts.as_ref());
+        assert!(moved.len() > 10, "{}", moved.len());
+        store
+            .index
+            .apply(moved.iter().cloned().map(|(k, v)| (k, Some(v))).collect())
+            .unwrap();
+        store.index.flush().unwrap();
+        store.facts.clear().unwrap();
+        store.facts.flush().unwrap();
+        moved
+    };
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    assert_eq!(s.violations(everything).await, violations);
+    assert_eq!(
+        s.check("litware", "c-alpha", Topic::Transition, "", 12, 0)
+            .await,
+        check
+    );
+    drop(s);
+    server.stop().await;
+
+    {
+        let store = common::open_any_store(&store_dir);
+        assert_eq!(fact_keys(store.facts.as_ref()), moved);
+        assert!(fact_keys(store.index.as_ref()).is_empty());
+        // A crash that lost the fact lists and their watermark, not the communication
+        // lists (they are written apart): the facts are indexed again from the ledger.
+        store.facts.clear().unwrap();
+        store.facts.flush().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    assert_eq!(
+        s.check("litware", "c-alpha", Topic::Transition, "", 12, 0)
+            .await,
+        check
+    );
+    drop(s);
+    server.stop().await;
+    let store = common::open_any_store(&store_dir);
+    assert_eq!(fact_keys(store.facts.as_ref()), moved);
 }
 
 #[tokio::test]

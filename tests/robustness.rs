@@ -331,7 +331,7 @@ proptest! {
         use prost::Message;
         let _ = audit_ledger::proto::LeafRecord::decode(leaf.as_slice());
         let _ = audit_ledger::ledger::leaf::decode_header(&leaf);
-        let (mut indexer, _) = audit_ledger::compliance::index::ComplianceIndexer::new(std::sync::Arc::new(MemoryIndex::default()), empty_store());
+        let (mut indexer, _) = audit_ledger::compliance::index::ComplianceIndexer::new(std::sync::Arc::new(MemoryIndex::default()), std::sync::Arc::new(MemoryIndex::default()), empty_store()).unwrap();
         use audit_ledger::ledger::Indexer;
         let _ = indexer.index(&[(0, leaf.as_slice())]);
     }
@@ -394,6 +394,9 @@ impl audit_ledger::storage::IndexStore for MemoryIndex {
         Ok(())
     }
     fn flush(&self) -> Result<(), audit_ledger::storage::StorageError> {
+        Ok(())
+    }
+    fn seal(&self) -> Result<(), audit_ledger::storage::StorageError> {
         Ok(())
     }
 }

@@ -93,7 +93,10 @@ const SCAN_CHUNK: usize = 256;
 #[derive(Clone)]
 pub struct Compliance {
     ledger: Ledger,
+    /// The communication lists.
     index: Arc<dyn IndexStore>,
+    /// The fact lists.
+    facts: Arc<dyn IndexStore>,
     progress: index::IndexProgress,
     tokens: PageTokens,
     limits: QueryLimits,
@@ -106,6 +109,7 @@ impl Compliance {
     pub fn new(
         ledger: Ledger,
         index: Arc<dyn IndexStore>,
+        facts: Arc<dyn IndexStore>,
         progress: index::IndexProgress,
         token_secret: &[u8],
         limits: QueryLimits,
@@ -113,6 +117,7 @@ impl Compliance {
         Compliance {
             ledger,
             index,
+            facts,
             progress,
             tokens: PageTokens::new(token_secret),
             limits,
@@ -201,7 +206,7 @@ impl Compliance {
         tree_size: u64,
     ) -> Result<Vec<(u64, proto::Fact)>, LedgerError> {
         let mut list = Vec::new();
-        for (key, value) in self.index.range(prefix, &prefix_end(prefix), usize::MAX)? {
+        for (key, value) in self.facts.range(prefix, &prefix_end(prefix), usize::MAX)? {
             let Some(index) = index::index_of_key(&key) else {
                 continue;
             };
@@ -263,7 +268,7 @@ impl Compliance {
         let size = self.ledger.tree_size();
         let prefix = list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id);
         Ok(self
-            .index
+            .facts
             .range(&prefix, &prefix_end(&prefix), usize::MAX)?
             .iter()
             .any(|(key, value)| {

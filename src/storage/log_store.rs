@@ -33,8 +33,9 @@
 //!   `apply`; a crash keeps a prefix of those applies, so at open the frames past its
 //!   `m/applied` are applied again before anything is appended.
 //! - sled: the layout version (`m/layout`).
-//! - `index/`: the compliance indexes ([`crate::compliance::index`]), a [`RunIndex`];
-//!   `derived/`: a sled database for the access log.
+//! - `index/` and `facts/`: the compliance indexes ([`crate::compliance::index`]), the
+//!   communication lists and the fact lists, each a [`RunIndex`]; `derived/`: a sled
+//!   database for the access log.
 //!
 //! So an acknowledged group is durable once, in one file, and everything else is rebuilt
 //! from that file.
@@ -62,8 +63,10 @@ pub const INDEX_FILE: &str = "ledger.idx";
 pub const DERIVED_DIR: &str = "derived";
 /// The idempotency keys' run index, inside the store directory.
 pub const KEYS_DIR: &str = "keys";
-/// The compliance indexes' run index, inside the store directory.
+/// The communication lists' run index, inside the store directory.
 pub const INDEX_DIR: &str = "index";
+/// The fact lists' run index, inside the store directory.
+pub const FACTS_DIR: &str = "facts";
 
 /// Prefix of an idempotency key in `keys/`; its watermark is [`APPLIED_KEY`] there too.
 const KEY_PREFIX: u8 = b'i';
@@ -142,8 +145,10 @@ pub struct LogStore {
     derived: sled::Db,
     /// Idempotency keys, derived from the frames.
     keys: RunIndex,
-    /// The compliance indexes (written by their owner, `compliance::index`).
+    /// The compliance indexes (written by their owner, `compliance::index`): the
+    /// communication lists and the fact lists.
     index: Arc<RunIndex>,
+    facts: Arc<RunIndex>,
     dir: PathBuf,
     log: File,
     idx: File,
@@ -316,13 +321,17 @@ impl LogStore {
         let keys = RunIndex::open(&dir.join(KEYS_DIR), RunOptions::default())?;
         // Lists are read whole or from a position in them: filtered by list, a read of a
         // customer's facts (every verdict, three lists) skips the runs that hold none.
-        let index = Arc::new(RunIndex::open(
-            &dir.join(INDEX_DIR),
-            RunOptions {
-                filter: Filter::Lists,
-                ..RunOptions::default()
-            },
-        )?);
+        let lists = |name: &str| -> Result<Arc<RunIndex>, StorageError> {
+            Ok(Arc::new(RunIndex::open(
+                &dir.join(name),
+                RunOptions {
+                    filter: Filter::Lists,
+                    ..RunOptions::default()
+                },
+            )?))
+        };
+        let index = lists(INDEX_DIR)?;
+        let facts = lists(FACTS_DIR)?;
         match db.get(LAYOUT_KEY).map_err(backend)? {
             Some(version) if version.as_ref() == LAYOUT_VERSION => {}
             Some(version) => {
@@ -355,6 +364,7 @@ impl LogStore {
             derived,
             keys,
             index,
+            facts,
             dir: dir.to_owned(),
             log,
             idx,
@@ -373,9 +383,14 @@ impl LogStore {
         Ok(store)
     }
 
-    /// The derived-index space (a [`RunIndex`]).
+    /// The communication lists' space (a [`RunIndex`]).
     pub fn index(&self) -> Arc<dyn IndexStore> {
         self.index.clone()
+    }
+
+    /// The fact lists' space (a [`RunIndex`]).
+    pub fn facts(&self) -> Arc<dyn IndexStore> {
+        self.facts.clone()
     }
 
     /// The access log's space (sled tree).
@@ -626,6 +641,7 @@ impl LogStore {
             + self.derived.size_on_disk().map_err(backend)?
             + self.keys.size_on_disk()
             + self.index.size_on_disk()
+            + self.facts.size_on_disk()
             + self.log.metadata().map_err(io)?.len()
             + self.idx.metadata().map_err(io)?.len())
     }

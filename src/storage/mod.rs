@@ -41,10 +41,14 @@ impl std::str::FromStr for StorageKind {
     }
 }
 
-/// An opened store with its space for derived indexes and the access log's sled tree.
+/// An opened store with its spaces for derived indexes and the access log's sled tree.
 pub struct OpenedStore {
     pub store: Arc<dyn Store>,
+    /// The communication lists (four keys per communication: the bulk of derived data).
     pub index: Arc<dyn IndexStore>,
+    /// The fact lists, apart: every verdict reads them, and they stay small and quick to
+    /// search when the communications' keys are not among them.
+    pub facts: Arc<dyn IndexStore>,
     pub access: SledIndex,
     pub kind: StorageKind,
 }
@@ -68,6 +72,7 @@ pub fn open_store(
             let store = SledStore::open(dir, cache_bytes)?;
             OpenedStore {
                 index: Arc::new(store.index()?),
+                facts: Arc::new(store.facts()?),
                 access: store.access_log()?,
                 store: Arc::new(store),
                 kind,
@@ -77,6 +82,7 @@ pub fn open_store(
             let store = LogStore::open(dir, cache_bytes)?;
             OpenedStore {
                 index: store.index(),
+                facts: store.facts(),
                 access: store.access_log()?,
                 store: Arc::new(store),
                 kind,
@@ -256,4 +262,8 @@ pub trait IndexStore: Send + Sync + 'static {
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StorageError>;
+
+    /// Starts making every write so far durable, without waiting for it (an owner that
+    /// bounds how much it would re-derive after a crash calls this now and then).
+    fn seal(&self) -> Result<(), StorageError>;
 }

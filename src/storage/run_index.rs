@@ -1102,6 +1102,13 @@ impl IndexStore for RunIndex {
         let _writer = self.shared.writer.lock().expect("writer lock");
         self.freeze(true)
     }
+
+    /// Freezes the active table: the flusher writes it as a run in the background.
+    fn seal(&self) -> Result<(), StorageError> {
+        self.check_failure()?;
+        let _writer = self.shared.writer.lock().expect("writer lock");
+        self.freeze(false)
+    }
 }
 
 fn remove_run(path: &Path) {

@@ -29,6 +29,9 @@ pub struct SledStore {
 /// Name of the sled tree holding derived indexes.
 pub(super) const INDEX_TREE: &[u8] = b"index";
 
+/// Name of the sled tree holding the fact lists.
+pub(super) const FACTS_TREE: &[u8] = b"facts";
+
 /// Name of the sled tree holding the access log.
 pub(super) const ACCESS_TREE: &[u8] = b"access";
 
@@ -82,6 +85,12 @@ impl IndexStore for SledIndex {
 
     fn flush(&self) -> Result<(), StorageError> {
         self.tree.flush().map(|_| ()).map_err(backend)
+    }
+
+    /// Nothing to start: what is applied becomes durable with the database's next flush
+    /// (every group commit in a [`SledStore`], sled's timer for `derived/`).
+    fn seal(&self) -> Result<(), StorageError> {
+        Ok(())
     }
 }
 
@@ -212,6 +221,11 @@ impl SledStore {
     /// The derived-index space, a sled tree of its own beside the ledger's.
     pub fn index(&self) -> Result<SledIndex, StorageError> {
         SledIndex::open(&self.db, INDEX_TREE)
+    }
+
+    /// The fact lists' space, another sled tree.
+    pub fn facts(&self) -> Result<SledIndex, StorageError> {
+        SledIndex::open(&self.db, FACTS_TREE)
     }
 
     /// The access log's space, another sled tree.
