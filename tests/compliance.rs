@@ -978,32 +978,41 @@ async fn reindex_gives_identical_answers() {
     );
 }
 
-/// A store from before the fact lists had an index of their own kept them among the
-/// communication lists: the first start moves them out, and every answer stays the same.
-#[tokio::test]
-async fn facts_kept_among_the_communication_lists_are_moved_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+/// The violations and c-alpha's transition verdict, from a server started on `dir` (and
+/// stopped again); with `record`, the scenario is recorded first.
+async fn scenario_answers(
+    dir: &std::path::Path,
+    record: bool,
+) -> (Vec<(String, String)>, Assessment) {
+    let server = TestServer::start(dir).await;
     let mut s = Scenario::new(&server.address).await;
-    record_scenario(&mut s).await;
-    let everything = ListViolationsRequest {
-        include_review: true,
-        ..Default::default()
-    };
-    let violations = s.violations(everything.clone()).await;
+    if record {
+        record_scenario(&mut s).await;
+    }
+    let violations = s
+        .violations(ListViolationsRequest {
+            include_review: true,
+            ..Default::default()
+        })
+        .await;
     let check = s
         .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
         .await;
     drop(s);
     server.stop().await;
+    (violations, check)
+}
+
+/// A store from before the fact lists had an index of their own kept them among the
+/// communication lists: the first start moves them out, and every answer stays the same.
+#[tokio::test]
+async fn facts_kept_among_the_communication_lists_are_moved_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = scenario_answers(dir.path(), true).await;
 
     let store_dir = dir.path().join(audit_ledger::server::STORE_DIR_NAME);
     let fact_keys = |index: &dyn audit_ledger::storage::IndexStore| {
-        index
-            .range(b"F", b"G", usize::MAX)
-            .unwrap()
-            .into_iter()
-            .collect::<Vec<_>>()
+        index.range(b"F", b"G", usize::MAX).unwrap()
     };
     let moved = {
         // Lay the store out as before: the fact keys in `index`, no `facts` at all.
@@ -1019,17 +1028,7 @@ async fn facts_kept_among_the_communication_lists_are_moved_out() {
         store.facts.flush().unwrap();
         moved
     };
-    let server = TestServer::start(dir.path()).await;
-    let mut s = Scenario::new(&server.address).await;
-    assert_eq!(s.violations(everything).await, violations);
-    assert_eq!(
-        s.check("litware", "c-alpha", Topic::Transition, "", 12, 0)
-            .await,
-        check
-    );
-    drop(s);
-    server.stop().await;
-
+    assert_eq!(scenario_answers(dir.path(), false).await, answers);
     {
         let store = common::open_any_store(&store_dir);
         assert_eq!(fact_keys(store.facts.as_ref()), moved);
@@ -1039,15 +1038,7 @@ async fn facts_kept_among_the_communication_lists_are_moved_out() {
         store.facts.clear().unwrap();
         store.facts.flush().unwrap();
     }
-    let server = TestServer::start(dir.path()).await;
-    let mut s = Scenario::new(&server.address).await;
-    assert_eq!(
-        s.check("litware", "c-alpha", Topic::Transition, "", 12, 0)
-            .await,
-        check
-    );
-    drop(s);
-    server.stop().await;
+    assert_eq!(scenario_answers(dir.path(), false).await, answers);
     let store = common::open_any_store(&store_dir);
     assert_eq!(fact_keys(store.facts.as_ref()), moved);
 }
