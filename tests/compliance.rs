@@ -893,21 +893,8 @@ async fn evidence_is_provable_and_re_derives_the_verdict() {
 #[tokio::test]
 async fn reindex_gives_identical_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut s = Scenario::new(&server.address).await;
-    record_scenario(&mut s).await;
-    let violations = s
-        .violations(ListViolationsRequest {
-            include_review: true,
-            ..Default::default()
-        })
-        .await;
-    let communications = s.communications(ListCommunicationsRequest::default()).await;
-    let check = s
-        .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
-        .await;
-    drop(s);
-    server.stop().await;
+    let answers = scenario_answers(dir.path(), true).await;
+    let check = answers.2.clone();
 
     // Damage the derived indexes behind the server's back: c-alpha's facts vanish.
     {
@@ -922,14 +909,8 @@ async fn reindex_gives_identical_answers() {
             .unwrap();
         index.flush().unwrap();
     }
-    let server = TestServer::start(dir.path()).await;
-    let mut s = Scenario::new(&server.address).await;
-    let damaged = s
-        .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
-        .await;
+    let damaged = scenario_answers(dir.path(), false).await.2;
     assert_ne!(damaged, check, "the answers come from the indexes");
-    drop(s);
-    server.stop().await;
 
     let output = std::process::Command::new(common::binary())
         .args(["reindex", "--data-dir"])
@@ -942,28 +923,8 @@ async fn reindex_gives_identical_answers() {
         "{output:?}"
     );
 
-    let server = TestServer::start(dir.path()).await;
-    let mut s = Scenario::new(&server.address).await;
-    assert_eq!(
-        s.violations(ListViolationsRequest {
-            include_review: true,
-            ..Default::default()
-        })
-        .await,
-        violations
-    );
-    assert_eq!(
-        s.communications(ListCommunicationsRequest::default()).await,
-        communications
-    );
-    assert_eq!(
-        s.check("litware", "c-alpha", Topic::Transition, "", 12, 0)
-            .await,
-        check
-    );
+    assert_eq!(scenario_answers(dir.path(), false).await, answers);
     assert_eq!(rule_and_verdict(&check), ("TRANSITION", Verdict::Allowed));
-    drop(s);
-    server.stop().await;
 
     // Facts verify like every other entry.
     let output = std::process::Command::new(common::binary())
@@ -978,12 +939,12 @@ async fn reindex_gives_identical_answers() {
     );
 }
 
-/// The violations and c-alpha's transition verdict, from a server started on `dir` (and
-/// stopped again); with `record`, the scenario is recorded first.
+/// Every violation, every communication and c-alpha's transition verdict, from a server
+/// started on `dir` (and stopped again); with `record`, the scenario is recorded first.
 async fn scenario_answers(
     dir: &std::path::Path,
     record: bool,
-) -> (Vec<(String, String)>, Assessment) {
+) -> (Vec<(String, String)>, Vec<String>, Assessment) {
     let server = TestServer::start(dir).await;
     let mut s = Scenario::new(&server.address).await;
     if record {
@@ -995,12 +956,13 @@ async fn scenario_answers(
             ..Default::default()
         })
         .await;
+    let communications = s.communications(ListCommunicationsRequest::default()).await;
     let check = s
         .check("litware", "c-alpha", Topic::Transition, "", 12, 0)
         .await;
     drop(s);
     server.stop().await;
-    (violations, check)
+    (violations, communications, check)
 }
 
 /// A store from before the fact lists had an index of their own kept them among the

@@ -229,13 +229,26 @@ impl Compliance {
         as_of_tree_size: u64,
     ) -> Result<(Assessment, u64), LedgerError> {
         let tree_size = self.tree_size_as_of(as_of_tree_size)?;
-        let facts = self.facts(
+        let assessment = self.assess_from(question, tree_size, &mut FactLists::new())?;
+        Ok((assessment, tree_size))
+    }
+
+    /// Judges `question` on the facts below `tree_size`, its fact lists taken from `lists`
+    /// (and kept there when read).
+    fn assess_from(
+        &self,
+        question: &Question,
+        tree_size: u64,
+        lists: &mut FactLists,
+    ) -> Result<Assessment, LedgerError> {
+        let facts = self.facts_from(
             &question.sender_id,
             &question.customer_id,
             &question.subscription_id,
             tree_size,
+            lists,
         )?;
-        Ok((policy::assess(question, &facts), tree_size))
+        Ok(policy::assess(question, &facts))
     }
 
     /// Judges many questions on every fact recorded so far, all at one tree size (returned),
@@ -249,16 +262,7 @@ impl Compliance {
         let mut lists = FactLists::new();
         let assessments = questions
             .iter()
-            .map(|question| {
-                let facts = self.facts_from(
-                    &question.sender_id,
-                    &question.customer_id,
-                    &question.subscription_id,
-                    tree_size,
-                    &mut lists,
-                )?;
-                Ok(policy::assess(question, &facts))
-            })
+            .map(|question| self.assess_from(question, tree_size, &mut lists))
             .collect::<Result<_, LedgerError>>()?;
         Ok((assessments, tree_size))
     }
@@ -331,14 +335,7 @@ impl Compliance {
                 let Some(question) = question(record) else {
                     return Ok(None);
                 };
-                let facts = self.facts_from(
-                    &question.sender_id,
-                    &question.customer_id,
-                    &question.subscription_id,
-                    tree_size,
-                    &mut lists,
-                )?;
-                let assessment = policy::assess(&question, &facts);
+                let assessment = self.assess_from(&question, tree_size, &mut lists)?;
                 let wanted = match assessment.verdict {
                     Verdict::Violation => true,
                     Verdict::Review => filter.include_review,
