@@ -147,25 +147,9 @@ impl Compliance {
     }
 
     /// Every fact about the sender, the customer and (if named) the subscription at ledger
-    /// indices below `tree_size`: prefix scans of three index lists, independent of ledger size.
-    pub fn facts(
-        &self,
-        sender_id: &str,
-        customer_id: &str,
-        subscription_id: &str,
-        tree_size: u64,
-    ) -> Result<Vec<RecordedFact>, LedgerError> {
-        self.facts_from(
-            sender_id,
-            customer_id,
-            subscription_id,
-            tree_size,
-            &mut HashMap::new(),
-        )
-    }
-
-    /// [`Compliance::facts`], taking each list from `lists` (lists read at `tree_size`),
-    /// reading and keeping there the ones it does not hold yet.
+    /// indices below `tree_size`: prefix scans of three index lists, independent of ledger
+    /// size. Each list is taken from `lists` (lists read at `tree_size`), read and kept
+    /// there when it is not held yet.
     fn facts_from(
         &self,
         sender_id: &str,
