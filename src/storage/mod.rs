@@ -5,6 +5,7 @@
 //! hashing, chaining and signing all happen in the ledger core, so every backend holds
 //! exactly the same bytes and a ledger verifies the same way whatever it is stored in.
 
+mod log_space;
 pub mod log_store;
 pub mod run_index;
 pub mod sled_store;
