@@ -8,8 +8,6 @@
 //! leaf-to-root (§2.1.3.1) and consistency proofs in SUBPROOF order (§2.1.4.1); the
 //! integration tests check them with an independent RFC 9162 verifier.
 
-use std::collections::HashMap;
-
 pub use tlog_tiles::{EMPTY_HASH, Hash};
 use tlog_tiles::{HashReader, stored_hash_index};
 
@@ -221,54 +219,10 @@ pub fn nodes_for_new_leaf<S: NodeSource + ?Sized>(
         .map_err(|_| reader.error("index"))
 }
 
-/// Nodes being written on top of a [`NodeSource`]: what the writer sees while it extends the
-/// tree by a batch of leaves that are not yet in the store.
-pub struct PendingNodes<'a, S: ?Sized> {
-    base: &'a S,
-    pending: HashMap<u64, Hash>,
-}
-
-impl<'a, S: NodeSource + ?Sized> PendingNodes<'a, S> {
-    pub fn new(base: &'a S) -> Self {
-        PendingNodes {
-            base,
-            pending: HashMap::new(),
-        }
-    }
-
-    /// Appends leaf `index` and returns the nodes it adds, in stored-hash order from
-    /// `leaf_node_index(index)`.
-    pub fn push_leaf(&mut self, index: u64, leaf_hash: Hash) -> Result<Vec<Hash>, ProofError> {
-        let nodes = nodes_for_new_leaf(index, leaf_hash, &*self)?;
-        let first = leaf_node_index(index);
-        for (offset, node) in (0u64..).zip(&nodes) {
-            self.pending.insert(first + offset, *node);
-        }
-        Ok(nodes)
-    }
-}
-
-impl<S: NodeSource + ?Sized> NodeSource for PendingNodes<'_, S> {
-    fn nodes(&self, indices: &[u64]) -> Result<Vec<Hash>, NodeError> {
-        let missing: Vec<u64> = indices
-            .iter()
-            .copied()
-            .filter(|index| !self.pending.contains_key(index))
-            .collect();
-        let mut from_base = self.base.nodes(&missing)?.into_iter();
-        Ok(indices
-            .iter()
-            .map(|index| match self.pending.get(index) {
-                Some(node) => *node,
-                None => from_base.next().expect("base returned one node per index"),
-            })
-            .collect())
-    }
-}
-
 /// The right edge of a tree: the roots of the perfect subtrees that make up a tree of `size`
-/// leaves, largest first. Enough to extend the tree leaf by leaf with no reads, which is how
-/// `verify` recomputes every stored node in one sequential pass.
+/// leaves, largest first. Enough to extend the tree leaf by leaf with no reads: the writer
+/// keeps one to compute each group's nodes and root, and `verify` recomputes every stored
+/// node in one sequential pass with one.
 #[derive(Debug, Clone)]
 pub struct Frontier {
     size: u64,
@@ -712,23 +666,25 @@ mod tests {
             prop_assert!(verify_consistency(to as u64, new_root, from as u64, old_root, &proof).is_err());
         }
 
-        /// A batch appended through `PendingNodes` stores exactly what leaf-by-leaf appends do.
+        /// A batch appended through a frontier read from a stored tree (what the writer
+        /// does) stores exactly what leaf-by-leaf appends do, and has their root.
         #[test]
-        fn pending_nodes_match_one_by_one(split in 0usize..40, total in 1usize..80) {
+        fn a_frontier_over_a_stored_tree_matches_one_by_one(split in 0usize..40, total in 1usize..80) {
             let split = split.min(total);
             let hashes: Vec<Hash> = (0..total).map(|i| leaf_hash(&(i as u64).to_be_bytes())).collect();
             let mut base = MemoryNodes::default();
             for h in &hashes[..split] { base.push_leaf(*h).unwrap(); }
             let mut full = MemoryNodes::default();
             for h in &hashes { full.push_leaf(*h).unwrap(); }
-            let mut pending = PendingNodes::new(&base);
+            let mut frontier = Frontier::at(split as u64, &base).unwrap();
+            prop_assert_eq!(frontier.root(), root_hash(split as u64, &base).unwrap());
             for (i, h) in hashes.iter().enumerate().skip(split) {
-                let nodes = pending.push_leaf(i as u64, *h).unwrap();
+                let nodes = frontier.push(*h);
                 let first = leaf_node_index(i as u64);
                 let expected: Vec<u64> = (first..first + nodes.len() as u64).collect();
                 prop_assert_eq!(nodes, full.nodes(&expected).unwrap());
             }
-            prop_assert_eq!(root_hash(total as u64, &pending).unwrap(), root_hash(total as u64, &full).unwrap());
+            prop_assert_eq!(frontier.root(), root_hash(total as u64, &full).unwrap());
         }
     }
 }

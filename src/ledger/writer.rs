@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::checkpoint::{CheckpointSigner, SignedCheckpoint};
 use super::error::LedgerError;
 use super::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header, encode_leaf};
-use super::merkle::{self, EMPTY_HASH, Hash, PendingNodes};
+use super::merkle::{self, Frontier, Hash};
 use super::time::Timestamp;
 use super::{Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes};
 use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, Store};
@@ -35,6 +35,9 @@ pub(super) struct WriterState {
     pub checkpoint: SignedCheckpoint,
     last_leaf_hash: Hash,
     last_recorded_at: Timestamp,
+    /// The tree's right edge: a group's new nodes and root are computed from it with no
+    /// reads (reading them from the store was a `pread` per node per group).
+    frontier: Frontier,
 }
 
 /// Checks the store's tail against its last signed checkpoint and returns the writer's
@@ -49,7 +52,8 @@ pub(super) fn recover(
                 "entry {index} is stored but no checkpoint was ever signed"
             )));
         }
-        let checkpoint = signer.sign(0, EMPTY_HASH)?;
+        let frontier = Frontier::at(0, &StoreNodes(store))?;
+        let checkpoint = signer.sign(0, frontier.root())?;
         store.commit(&CommitBatch {
             checkpoint: Some((0, checkpoint.note.clone().into_bytes())),
             ..CommitBatch::default()
@@ -58,6 +62,7 @@ pub(super) fn recover(
             checkpoint,
             last_leaf_hash: GENESIS_PREV_LEAF_HASH,
             last_recorded_at: Timestamp::default(),
+            frontier,
         });
     };
 
@@ -86,8 +91,8 @@ pub(super) fn recover(
         }
         _ => {}
     }
-    let root = merkle::root_hash(size, &StoreNodes(store))?;
-    if root != checkpoint.root_hash {
+    let frontier = Frontier::at(size, &StoreNodes(store))?;
+    if frontier.root() != checkpoint.root_hash {
         return Err(LedgerError::Integrity(format!(
             "the stored tree of {size} entries does not have the signed root hash"
         )));
@@ -97,6 +102,7 @@ pub(super) fn recover(
             checkpoint,
             last_leaf_hash: GENESIS_PREV_LEAF_HASH,
             last_recorded_at: Timestamp::default(),
+            frontier,
         });
     }
     let last = super::read_entry(store, size - 1)?;
@@ -119,6 +125,7 @@ pub(super) fn recover(
         checkpoint,
         last_leaf_hash: last.leaf_hash,
         last_recorded_at: header.recorded_at,
+        frontier,
     })
 }
 
@@ -328,8 +335,7 @@ impl Writer {
         LedgerError,
     > {
         let store = self.store.as_ref();
-        let base_nodes = StoreNodes(store);
-        let mut nodes = PendingNodes::new(&base_nodes);
+        let mut frontier = self.state.frontier.clone();
         let mut batch = CommitBatch::default();
         let mut claimed: HashMap<Vec<u8>, IdempotencyRecord> = HashMap::new();
         let mut size = self.state.checkpoint.size;
@@ -404,7 +410,7 @@ impl Writer {
                         };
                         let leaf = encode_leaf(&header, &record.content);
                         let leaf_hash = merkle::leaf_hash(&leaf);
-                        let new_nodes = nodes.push_leaf(index, leaf_hash)?;
+                        let new_nodes = frontier.push(leaf_hash);
                         let claim = IdempotencyRecord {
                             index,
                             content_digest,
@@ -436,13 +442,14 @@ impl Writer {
         if batch.entries.is_empty() {
             return Ok((outcomes, None));
         }
-        let root_hash = merkle::root_hash(size, &nodes)?;
-        let checkpoint = self.signer.sign(size, root_hash)?;
+        debug_assert_eq!(frontier.size(), size);
+        let checkpoint = self.signer.sign(size, frontier.root())?;
         batch.checkpoint = Some((size, checkpoint.note.clone().into_bytes()));
         let next_state = WriterState {
             checkpoint,
             last_leaf_hash: prev_leaf_hash,
             last_recorded_at: recorded_at,
+            frontier,
         };
         Ok((outcomes, Some((batch, next_state))))
     }
