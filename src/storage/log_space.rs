@@ -9,7 +9,8 @@
 //! frames (docs/BENCHMARKS.md, sixth pass): p50 0.25 ms per write + `fdatasync` inside
 //! `fallocate`d space, 0.15 ms inside zeroed space, 0.33 ms extending the file.
 //!
-//! The zeros are written by a thread of their own, a chunk at a time, never where a frame
+//! The zeros are written by a thread of their own (started by the first frame: a store
+//! opened only to be read is never written), a chunk at a time, never where a frame
 //! was or is being written: both writes happen under one lock and zeros only ever go past
 //! the end of every frame written. A frame that gets ahead of the zeros is written all the
 //! same (its sync then also commits the file's growth), so this is only ever a speed-up,
@@ -19,7 +20,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// Bytes of zeros written (and synced) per step: small enough that a frame write waiting
 /// for the lock waits for one page-cache copy of this size at most.
@@ -45,20 +46,24 @@ struct State {
 struct Shared {
     file: File,
     state: Mutex<State>,
+    /// Signalled when space ahead is wanted (or on stop).
     wanted: Condvar,
 }
 
 /// The log file's space ahead of its frames (see the module docs).
 pub struct LogSpace {
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Started by the first frame written: a store opened only to be read (`verify`, a
+    /// store refused at open) never has its file written. `None` inside when the thread
+    /// could not be started (frames then extend the file).
+    thread: OnceLock<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl LogSpace {
-    /// Starts keeping zeroed space ahead of the frames in `file` (a handle of the log's own:
-    /// the thread writes and syncs through it). Nothing the file holds already is written
-    /// over: zeros go past its length (which is durable: the log's open synced it).
-    pub fn start(file: File) -> io::Result<Self> {
+    /// The space ahead of the frames in `file` (a handle of the log's own: the thread
+    /// writes and syncs through it), kept zeroed once the first frame is written. Nothing
+    /// the file holds now is written over: zeros go past its length.
+    pub fn new(file: File) -> io::Result<Self> {
         let frames_end = file.metadata()?.len();
         let shared = Arc::new(Shared {
             file,
@@ -70,21 +75,29 @@ impl LogSpace {
             }),
             wanted: Condvar::new(),
         });
-        let thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("log-space".into())
-                .spawn(move || zero_ahead(&shared))?
-        };
         Ok(LogSpace {
             shared,
-            thread: Some(thread),
+            thread: OnceLock::new(),
         })
+    }
+
+    fn start(&self) {
+        self.thread.get_or_init(|| {
+            let shared = self.shared.clone();
+            std::thread::Builder::new()
+                .name("log-space".into())
+                .spawn(move || zero_ahead(&shared))
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "cannot start zeroing log space ahead; frames extend the file");
+                })
+                .ok()
+        });
     }
 
     /// Writes a frame at `at` (the end of the log's frames, or where a failed write of the
     /// same frame began). The caller syncs.
     pub fn write_frame(&self, frame: &[u8], at: u64) -> io::Result<()> {
+        self.start();
         let mut state = self.shared.state.lock().expect("space lock");
         // Counted before the write: a write that fails half-way leaves bytes the retry
         // overwrites, and zeros must not go there meanwhile either.
@@ -122,7 +135,7 @@ impl Drop for LogSpace {
     fn drop(&mut self) {
         self.shared.state.lock().expect("space lock").stop = true;
         self.shared.wanted.notify_all();
-        if let Some(thread) = self.thread.take() {
+        if let Some(Some(thread)) = self.thread.take() {
             let _ = thread.join();
         }
     }
@@ -159,6 +172,8 @@ fn zero_ahead(shared: &Shared) {
                     .0;
                 backoff = false;
             }
+            // Under the lock frames are written with (a copy outside it would gain nothing:
+            // the kernel serialises buffered writes to one file on the inode's lock).
             let at = state.zeros_end.max(state.frames_end);
             if let Err(error) = shared.file.write_all_at(&zeros, at) {
                 failed(error, &mut failing);
@@ -200,17 +215,22 @@ mod tests {
     fn zeros_go_ahead_of_the_frames_and_never_over_them() {
         let dir = tempfile::tempdir().unwrap();
         let log = file(dir.path());
-        let space = LogSpace::start(log.try_clone().unwrap()).unwrap();
-        space.wait_ready();
-        assert!(
-            log.metadata().unwrap().len() >= 1 << 20,
-            "space is written ahead"
-        );
-        assert!(space.ahead_of(0) >= 1 << 20);
-        // Frames of many sizes, some past the zeros, while the thread keeps zeroing.
+        let space = LogSpace::new(log.try_clone().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(log.metadata().unwrap().len(), 0, "nothing before a frame");
         let mut at = 0u64;
         let mut frames = Vec::new();
-        for n in 0..400u32 {
+        space.write_frame(&[1u8; 100], 0).unwrap();
+        frames.push((0, 100, 1u8));
+        at += 100;
+        space.wait_ready();
+        assert!(
+            log.metadata().unwrap().len() >= 100 + (1 << 20),
+            "space is written ahead"
+        );
+        assert!(space.ahead_of(100) >= 1 << 20);
+        // Frames of many sizes, some past the zeros, while the thread keeps zeroing.
+        for n in 1..400u32 {
             let frame = vec![(n % 251) as u8 + 1; 1000 + (n as usize * 7919) % 90_000];
             space.write_frame(&frame, at).unwrap();
             frames.push((at, frame.len(), (n % 251) as u8 + 1));
@@ -243,14 +263,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = file(dir.path());
         log.write_all_at(&[7u8; 5000], 0).unwrap();
-        let space = LogSpace::start(log.try_clone().unwrap()).unwrap();
-        space.wait_ready();
-        let mut head = vec![0u8; 5000];
-        log.read_exact_at(&mut head, 0).unwrap();
-        assert!(head.iter().all(|&b| b == 7), "the file's bytes are kept");
-        assert!(log.metadata().unwrap().len() >= 5000 + (1 << 20));
+        let space = LogSpace::new(log.try_clone().unwrap()).unwrap();
         // A frame written over the start of what was there (the log's end was below it).
         space.write_frame(&[9u8; 3000], 1000).unwrap();
+        space.wait_ready();
+        assert!(log.metadata().unwrap().len() >= 5000 + (1 << 20));
         space.wait_ready();
         let mut read = vec![0u8; 5000];
         log.read_exact_at(&mut read, 0).unwrap();

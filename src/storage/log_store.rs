@@ -350,7 +350,7 @@ impl LogStore {
                 .map_err(io)
         };
         let log = open(LOG_FILE)?;
-        let space = LogSpace::start(log.try_clone().map_err(io)?).map_err(io)?;
+        let space = LogSpace::new(log.try_clone().map_err(io)?).map_err(io)?;
         let idx = open(INDEX_FILE)?;
         let keys_applied = read_applied(keys.get(APPLIED_KEY)?)?;
         reclaim_old_sled_keys(&db, &derived)?;
