@@ -80,6 +80,62 @@ impl BenchReport {
     }
 }
 
+/// One round of a scenario measured right after `noop` under the same load.
+#[derive(Debug, Clone)]
+pub struct PairedRound {
+    pub noop: BenchReport,
+    pub scenario: BenchReport,
+}
+
+impl PairedRound {
+    /// The scenario's calls per second as a share of the noop ceiling's.
+    pub fn ratio(&self) -> f64 {
+        self.scenario.ops_per_sec() / self.noop.ops_per_sec()
+    }
+}
+
+/// Runs `noop` then the scenario, `rounds` times, each for the configured duration: the
+/// issue-5 targets are ratios to the RPC stack's ceiling, and on a machine whose speed
+/// changes from one minute to the next (steal, neighbours) a ratio is only meaningful when
+/// both sides are measured in the same minute.
+pub async fn run_paired(options: &BenchOptions, rounds: usize) -> anyhow::Result<Vec<PairedRound>> {
+    anyhow::ensure!(
+        !matches!(options.scenario, Scenario::Noop | Scenario::Verify),
+        "--versus-noop compares another online scenario with noop"
+    );
+    let noop = BenchOptions {
+        scenario: Scenario::Noop,
+        ..options.clone()
+    };
+    let mut out = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
+        let noop = run(&noop).await?;
+        let scenario = run(options).await?;
+        out.push(PairedRound { noop, scenario });
+    }
+    Ok(out)
+}
+
+/// The `--json` line of paired rounds: the round with the median ratio (its scenario's
+/// numbers, its noop's calls per second, the ratio), and every round's ratio.
+pub fn paired_json(rounds: &[PairedRound]) -> String {
+    let mut order: Vec<&PairedRound> = rounds.iter().collect();
+    order.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+    let median = order[order.len() / 2];
+    let ratios: Vec<String> = rounds
+        .iter()
+        .map(|round| format!("{:.4}", round.ratio()))
+        .collect();
+    let json = median.scenario.json();
+    format!(
+        "{},\"noop_ops_per_sec\":{:.1},\"ratio_to_noop\":{:.4},\"ratios\":[{}]}}",
+        json.strip_suffix('}').expect("an object"),
+        median.noop.ops_per_sec(),
+        median.ratio(),
+        ratios.join(",")
+    )
+}
+
 pub fn scenario_name(scenario: Scenario) -> &'static str {
     match scenario {
         Scenario::Append => "append",

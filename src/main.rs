@@ -279,6 +279,10 @@ struct BenchArgs {
     /// Data dir of a stopped ledger (verify scenario).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run N rounds of noop then the scenario, each --duration long, and report the
+    /// scenario's share of noop per round (the JSON line: the median round).
+    #[arg(long, value_name = "ROUNDS")]
+    versus_noop: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -922,6 +926,25 @@ fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         batch: args.batch,
         token: args.token,
     };
+    if let Some(rounds) = args.versus_noop {
+        let rounds = runtime.block_on(bench::run_paired(&options, rounds))?;
+        for (n, round) in rounds.iter().enumerate() {
+            println!(
+                "round {}: noop {:.0} calls/s, {} {:.0} ops/s ({:.0} entries/s, p99 {:.3} ms) = {:.1} % of noop",
+                n + 1,
+                round.noop.ops_per_sec(),
+                bench::scenario_name(round.scenario.scenario),
+                round.scenario.ops_per_sec(),
+                round.scenario.entries_per_sec(),
+                round.scenario.p99.as_secs_f64() * 1000.0,
+                round.ratio() * 100.0
+            );
+        }
+        if args.json {
+            println!("{}", bench::paired_json(&rounds));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let report = runtime.block_on(bench::run(&options))?;
     println!(
         "{}: {} ops in {:.1}s: {:.0} ops/s, {:.0} entries/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} in flight over {} connections)",

@@ -60,6 +60,46 @@ fn bench_populates_and_reports_every_scenario_as_json() {
             assert!(json.contains(&format!("\"{key}\":")), "{json}");
         }
     }
+    // A scenario measured against noop in alternating rounds: one ratio per round, and
+    // the JSON line the median round's, with its noop ceiling.
+    let output = bench(
+        &server.address,
+        &[
+            "--scenario",
+            "append",
+            "--versus-noop",
+            "3",
+            "--duration",
+            "1",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        output
+            .lines()
+            .filter(|line| line.starts_with("round "))
+            .count(),
+        3,
+        "{output}"
+    );
+    let json: serde_json::Value = serde_json::from_str(output.lines().last().unwrap()).unwrap();
+    assert_eq!(json["scenario"], "append");
+    let (ops, noop) = (
+        json["ops_per_sec"].as_f64().unwrap(),
+        json["noop_ops_per_sec"].as_f64().unwrap(),
+    );
+    assert!(ops > 0.0 && noop > 0.0, "{json}");
+    let ratio = json["ratio_to_noop"].as_f64().unwrap();
+    assert!((ratio - ops / noop).abs() < 1e-3, "{json}");
+    let ratios = json["ratios"].as_array().unwrap();
+    assert_eq!(ratios.len(), 3);
+    assert!(
+        ratios
+            .iter()
+            .any(|r| (r.as_f64().unwrap() - ratio).abs() < 1e-4)
+    );
     assert!(server.terminate().success());
     let output = Command::new(common::binary())
         .args(["bench", "--scenario", "verify", "--json", "--data-dir"])
