@@ -265,18 +265,27 @@ pub async fn checkpoint(client: &mut Client) -> audit_ledger::proto::Checkpoint 
         .unwrap()
 }
 
-/// Runs `audit-ledger verify` on a stopped ledger: (success, stdout).
+/// Runs `audit-ledger verify` on a stopped ledger: (success, stdout). Run again while the
+/// store is "in use": a store this process altered and just closed keeps sled's lock for a
+/// moment (see [`open_retrying`]), and a verify that found it locked once failed a test.
 pub fn run_verify(data_dir: &Path) -> (bool, String) {
-    let output = Command::new(binary())
-        .arg("verify")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8(output.stdout).unwrap(),
-    )
+    let verify = || {
+        let output = Command::new(binary())
+            .arg("verify")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if stderr.contains("in use") {
+            return Err(stderr);
+        }
+        Ok((
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+        ))
+    };
+    open_retrying(verify).expect("the store is released")
 }
 
 pub fn hash32(bytes: &[u8]) -> rfc9162::Hash {
