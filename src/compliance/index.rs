@@ -270,12 +270,9 @@ fn follow(
         };
         let end = goal.min(indexed + TAIL_STEP);
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        for entry in store.entries(indexed, end) {
-            let entry = entry?;
-            let leaf = entry.leaf.ok_or_else(|| {
-                StorageError::Malformed(format!("entry {} has no leaf", entry.index))
-            })?;
-            for key in communication_keys(entry.index, &leaf)? {
+        for leaf in store.leaves(indexed, end) {
+            let (index, leaf) = leaf?;
+            for key in communication_keys(index, &leaf)? {
                 writes.push((key, Some(Vec::new())));
             }
         }

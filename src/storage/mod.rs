@@ -220,6 +220,18 @@ pub trait Store: Send + Sync + 'static {
         }))
     }
 
+    /// The leaves of entries `from..to` in order, as `(index, leaf)`, for readers that need
+    /// nothing else (the communication indexer). A missing leaf is an error.
+    fn leaves(&self, from: u64, to: u64) -> Leaves<'_> {
+        Box::new(self.entries(from, to).map(|entry| {
+            let entry = entry?;
+            let leaf = entry
+                .leaf
+                .ok_or_else(|| malformed(format!("entry {} has no leaf", entry.index)))?;
+            Ok((entry.index, leaf))
+        }))
+    }
+
     /// Bytes still free where the store writes, when the backend can tell.
     fn available_bytes(&self) -> Option<u64> {
         None
@@ -238,6 +250,9 @@ pub struct RawEntry {
 
 /// Entries in index order.
 pub type RawEntries<'a> = Box<dyn Iterator<Item = Result<RawEntry, StorageError>> + Send + 'a>;
+
+/// Leaves in index order, as `(index, leaf)`.
+pub type Leaves<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StorageError>> + Send + 'a>;
 
 /// Idempotency keys and their records.
 pub type IdempotencyRecords<'a> =
