@@ -1208,15 +1208,21 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
     }
 }
 
-/// Runs merged at once: the tier above holds runs about this many times larger.
-const FANOUT: usize = 4;
-/// Past this many runs, the newest tier is merged even if it is not full.
-const MAX_RUNS: usize = 24;
+/// Runs merged at once: the tier above holds runs about this many times larger. Eight,
+/// not four: under batch load the merger rewrote each key log₄(n) times, and at eight
+/// (log₈(n)) batch throughput rose by about a tenth (seventh pass, docs/BENCHMARKS.md)
+/// while a read meets up to seven runs per tier, each skipped by its Bloom filter unless
+/// it holds the key or list.
+const FANOUT: usize = 8;
+/// Past this many runs, the newest tier is merged even if it is not full (five full tiers
+/// of `FANOUT − 1` runs stay below it: tens of millions of keys).
+const MAX_RUNS: usize = 36;
 
 /// Which runs to merge next (size-tiered): runs adjacent in age and of about one size
 /// (each no more than twice the largest newer one of its group) form a tier, and the
 /// newest tier with `FANOUT` runs is merged into one run of the tier above. Each byte is
-/// then rewritten about log₄(n) times, and a read meets at most `FANOUT − 1` runs per tier.
+/// then rewritten about log_FANOUT(n) times, and a read meets at most `FANOUT − 1` runs per
+/// tier.
 fn pick_merge(sizes: &[u64]) -> Option<std::ops::Range<usize>> {
     let mut start = 0;
     while start < sizes.len() {
@@ -1444,13 +1450,22 @@ mod tests {
 
     #[test]
     fn merges_take_full_tiers_of_adjacent_runs() {
+        let tier = |size: u64, count: usize| -> Vec<u64> {
+            (0..count).map(|n| size + (n as u64 % 3)).collect()
+        };
         assert_eq!(pick_merge(&[]), None);
-        assert_eq!(pick_merge(&[10, 10, 10]), None);
-        assert_eq!(pick_merge(&[10, 11, 9, 10]), Some(0..4));
-        assert_eq!(pick_merge(&[10, 10, 10, 40, 40]), None);
-        assert_eq!(pick_merge(&[10, 40, 40, 40, 45, 160]), Some(1..5));
-        assert_eq!(pick_merge(&[10, 10, 10, 10, 10]), Some(0..4));
-        let spread: Vec<u64> = (0..30).map(|n| 3u64.pow(n)).collect();
+        assert_eq!(pick_merge(&tier(10, FANOUT - 1)), None);
+        assert_eq!(pick_merge(&tier(10, FANOUT)), Some(0..FANOUT));
+        let two_short_tiers = [tier(10, FANOUT - 1), tier(40, FANOUT - 1)].concat();
+        assert_eq!(pick_merge(&two_short_tiers), None);
+        let full_middle_tier = [vec![10], tier(40, FANOUT), vec![160]].concat();
+        assert_eq!(pick_merge(&full_middle_tier), Some(1..1 + FANOUT));
+        assert_eq!(
+            pick_merge(&tier(10, FANOUT + 1)),
+            Some(0..FANOUT),
+            "the newest runs of a tier first"
+        );
+        let spread: Vec<u64> = (0..MAX_RUNS as u32 + 2).map(|n| 3u64.pow(n)).collect();
         assert_eq!(
             pick_merge(&spread),
             Some(0..2),
