@@ -15,6 +15,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod background;
 pub mod bench;
 pub mod client;
 pub mod compliance;

@@ -308,17 +308,15 @@ impl ComplianceIndexer {
             let index = index.clone();
             let failure = failure.clone();
             let target = target.clone();
-            std::thread::Builder::new()
-                .name("communication-indexer".into())
-                .spawn(move || {
-                    if let Err(error) = follow(index.as_ref(), store.as_ref(), &target, &progress) {
-                        tracing::error!(%error, "indexing communications failed");
-                        *failure.lock().expect("failure lock") = Some(format!(
-                            "indexing communications failed ({error}); restart the server"
-                        ));
-                    }
-                })
-                .expect("the indexing thread starts")
+            crate::background::spawn("communication-indexer", move || {
+                if let Err(error) = follow(index.as_ref(), store.as_ref(), &target, &progress) {
+                    tracing::error!(%error, "indexing communications failed");
+                    *failure.lock().expect("failure lock") = Some(format!(
+                        "indexing communications failed ({error}); restart the server"
+                    ));
+                }
+            })
+            .expect("the indexing thread starts")
         };
         Ok((
             ComplianceIndexer {

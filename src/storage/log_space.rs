@@ -84,9 +84,7 @@ impl LogSpace {
     fn start(&self) {
         self.thread.get_or_init(|| {
             let shared = self.shared.clone();
-            std::thread::Builder::new()
-                .name("log-space".into())
-                .spawn(move || zero_ahead(&shared))
+            crate::background::spawn("log-space", move || zero_ahead(&shared))
                 .inspect_err(|error| {
                     tracing::warn!(%error, "cannot start zeroing log space ahead; frames extend the file");
                 })

@@ -646,9 +646,7 @@ impl RunIndex {
         });
         let spawn = |name: &str, work: fn(&Shared) -> Result<(), StorageError>| {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(move || {
+            crate::background::spawn(name, move || {
                     if let Err(error) = work(&shared) {
                         tracing::error!(%error, dir = %shared.dir.display(), "index run writing failed");
                         *shared.failure.lock().expect("failure lock") = Some(error.to_string());
