@@ -9,6 +9,7 @@ mod log_space;
 pub mod log_store;
 pub mod run_index;
 pub mod sled_store;
+mod table_key;
 
 pub use log_store::LogStore;
 pub use run_index::{Filter, RunIndex, RunOptions};

@@ -46,6 +46,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::table_key::TableKey;
 use super::{IndexStore, KeyValue, StorageError, io, malformed};
 
 const MANIFEST: &str = "MANIFEST";
@@ -145,7 +146,7 @@ type Stored = Option<Vec<u8>>;
 
 #[derive(Default)]
 struct Memtable {
-    map: RwLock<BTreeMap<Vec<u8>, Stored>>,
+    map: RwLock<BTreeMap<TableKey, Stored>>,
     bytes: AtomicUsize,
 }
 
@@ -873,7 +874,7 @@ impl Cursor {
                         buffer.extend(
                             map.range::<[u8], _>((lower, upper))
                                 .take(CURSOR_CHUNK)
-                                .map(|(key, value)| (key.clone(), value.clone())),
+                                .map(|(key, value)| (key.as_bytes().to_vec(), value.clone())),
                         );
                     }
                     *done = buffer.len() < CURSOR_CHUNK;
@@ -1006,7 +1007,7 @@ impl IndexStore for RunIndex {
             let mut map = active.map.write().expect("memtable lock");
             for (key, value) in writes {
                 added += key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD;
-                map.insert(key, value);
+                map.insert(TableKey::from(key), value);
             }
         }
         let bytes = active.bytes.fetch_add(added, Ordering::AcqRel) + added;
@@ -1181,7 +1182,7 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
             let map = table.map.read().expect("memtable lock");
             let mut writer = RunWriter::create(&shared.dir, seq, map.len(), &shared.options)?;
             for (key, value) in map.iter() {
-                writer.push(key, value.as_deref())?;
+                writer.push(key.as_bytes(), value.as_deref())?;
             }
             Arc::new(writer.finish(seq)?)
         };
