@@ -59,7 +59,8 @@ const FOOTER_SUMMED: usize = FOOTER_LEN - 16;
 const BLOCK_BYTES: usize = 4096;
 /// `value_len` of a removed key.
 const REMOVED: u32 = u32::MAX;
-/// What one table entry costs beyond its key and value (tree node share, two vectors).
+/// What one table entry costs beyond its key and value (its share of a tree node: the key
+/// slot, inline up to 46 bytes, and the value's vector).
 const ENTRY_OVERHEAD: usize = 64;
 /// Entries a range cursor takes from an in-memory table per lock.
 const CURSOR_CHUNK: usize = 256;
