@@ -649,13 +649,14 @@ impl RunIndex {
         let spawn = |name: &str, work: fn(&Shared) -> Result<(), StorageError>| {
             let shared = shared.clone();
             crate::background::spawn(name, move || {
-                    if let Err(error) = work(&shared) {
-                        tracing::error!(%error, dir = %shared.dir.display(), "index run writing failed");
-                        *shared.failure.lock().expect("failure lock") = Some(error.to_string());
-                        shared.changed.notify_all();
-                    }
-                })
-                .map_err(io)
+                if let Err(error) = work(&shared) {
+                    let dir = shared.dir.display();
+                    tracing::error!(%error, %dir, "index run writing failed");
+                    *shared.failure.lock().expect("failure lock") = Some(error.to_string());
+                    shared.changed.notify_all();
+                }
+            })
+            .map_err(io)
         };
         let threads = vec![
             spawn("index-flusher", flush_loop)?,
