@@ -94,6 +94,10 @@ struct Situation<'q> {
     /// Partners that billed the subscription earlier and no longer do, with the facts
     /// that show it.
     former_billers: Vec<(String, Vec<u64>)>,
+    /// The facts the named subscription's latest state rests on, whichever customer it
+    /// belongs to: what shows that the rows about its biller and support contact do not
+    /// apply when a former biller asks.
+    subscription_as_it_stands: Vec<u64>,
     /// The transfer of the named subscription in progress.
     pending_transfer: Option<PendingTransfer>,
     /// Transfers in progress of any of the customer's subscriptions.
@@ -344,7 +348,12 @@ impl Situation<'_> {
                 let (_, shown_by) = self.former_billers.iter().find(|(p, _)| p == sender)?;
                 Some((
                     format!("subscription {} moved away from {sender}", q.subscription_id),
-                    self.with_party(shown_by.iter().copied()),
+                    self.with_party(
+                        shown_by
+                            .iter()
+                            .chain(&self.subscription_as_it_stands)
+                            .copied(),
+                    ),
                 ))
             }
             Rule::NotBiller => {
@@ -402,16 +411,22 @@ impl Situation<'_> {
 /// Judges `question` on the facts in force at `question.at`.
 pub fn assess(question: &Question, facts: &[RecordedFact]) -> Assessment {
     let snapshot = Snapshot::at(facts, question.at);
-    let (subscription, former_billers) = if question.subscription_id.is_empty() {
-        (None, Vec::new())
-    } else {
-        let (state, former) = snapshot.subscription(&question.subscription_id);
-        // A subscription of another customer is not one this customer has.
-        (
-            state.filter(|s| s.customer_id == question.customer_id),
-            former,
-        )
-    };
+    let (subscription, former_billers, subscription_as_it_stands) =
+        if question.subscription_id.is_empty() {
+            (None, Vec::new(), Vec::new())
+        } else {
+            let (state, former) = snapshot.subscription(&question.subscription_id);
+            let as_it_stands = state
+                .as_ref()
+                .map(|s| s.evidence.clone())
+                .unwrap_or_default();
+            // A subscription of another customer is not one this customer has.
+            (
+                state.filter(|s| s.customer_id == question.customer_id),
+                former,
+                as_it_stands,
+            )
+        };
     let product = (!question.product_id.is_empty()).then_some(question.product_id.as_str());
     let situation = Situation {
         question,
@@ -420,6 +435,7 @@ pub fn assess(question: &Question, facts: &[RecordedFact]) -> Assessment {
         partners_of_record: snapshot.partners_of_record(&question.customer_id),
         subscription,
         former_billers,
+        subscription_as_it_stands,
         pending_transfer: (!question.subscription_id.is_empty())
             .then(|| snapshot.pending_transfer(&question.subscription_id))
             .flatten(),

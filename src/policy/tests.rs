@@ -625,6 +625,67 @@ fn a_later_subscription_fact_replaces_the_earlier_one_from_its_effective_time() 
     );
 }
 
+/// The subscription moved away from the sender, then a fact of the same instant ended it:
+/// the "moved away" answer must carry that last fact too, or the evidence alone would show
+/// an active subscription the sender supports (a case the property below found).
+#[test]
+fn moved_away_evidence_includes_the_subscription_as_it_stands() {
+    let mut world = World::new();
+    let earlier = world.record(
+        0,
+        Fact::Subscription {
+            subscription_id: "s2".into(),
+            customer_id: "c1".into(),
+            biller_id: "adatum".into(),
+            support_contact_id: String::new(),
+            provider_id: String::new(),
+            active: false,
+        },
+    );
+    let moved = world.subscription(17, "s2", "c1", "contoso", "adatum", "");
+    let ended = world.record(
+        17,
+        Fact::Subscription {
+            subscription_id: "s2".into(),
+            customer_id: "c1".into(),
+            biller_id: "contoso".into(),
+            support_contact_id: "adatum".into(),
+            provider_id: String::new(),
+            active: false,
+        },
+    );
+    let answer = world.ask("adatum", "c1", Topic::Support, "s2", "", 17);
+    expect(&answer, Rule::FormerPartner, Verdict::Violation);
+    for index in [earlier, moved, ended] {
+        assert!(
+            answer.evidence.contains(&index),
+            "{index} missing from {:?}",
+            answer.evidence
+        );
+    }
+    let evidence: Vec<RecordedFact> = world
+        .facts
+        .iter()
+        .filter(|fact| answer.evidence.contains(&fact.index))
+        .cloned()
+        .collect();
+    let rederived = assess(
+        &Question {
+            sender_id: "adatum".into(),
+            customer_id: "c1".into(),
+            topic: Topic::Support,
+            subscription_id: "s2".into(),
+            product_id: String::new(),
+            at: Timestamp {
+                seconds: 17 * DAY + 1,
+                nanos: 0,
+            },
+        },
+        &evidence,
+    );
+    expect(&rederived, Rule::FormerPartner, Verdict::Violation);
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
