@@ -16,7 +16,7 @@ use crate::grpc::middleware::GateLayer;
 use crate::access_log::AccessLog;
 use crate::compliance::Compliance;
 use crate::compliance::index::ComplianceIndexer;
-use crate::config::{DEFAULT_ORIGIN, ServerConfig};
+use crate::config::{DEFAULT_ORIGIN, ServerConfig, TlsFiles};
 use crate::grpc::{AccessLogApi, ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions};
@@ -53,6 +53,8 @@ pub struct Server {
     compliance: Compliance,
     access: AccessLog,
     authenticator: Option<Arc<Authenticator>>,
+    /// The TLS identity and client CA, read and checked at open.
+    tls: Option<ServerTlsConfig>,
     config: ServerConfig,
 }
 
@@ -86,11 +88,42 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
     std::fs::read(path).map_err(|error| ServerError::Config(format!("{}: {error}", path.display())))
 }
 
+/// Reads the certificate chain, key and client CA, and has the TLS stack parse them: a
+/// missing or unreadable file, or PEM that is not a certificate and its key, stops the
+/// start before anything is opened or announced.
+fn load_tls(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &files.client_ca {
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true);
+    }
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .map_err(|error| {
+            // tonic's own message is only "transport error": the reason is in the sources.
+            let mut reason = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                reason.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            ServerError::Config(format!(
+                "TLS ({} and {}): {reason}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
+    Ok(tls)
+}
+
 impl Server {
     /// Opens (creating on first start) the data dir, key, store and ledger. Fails, saying
     /// why, when the store does not match what the key signed.
     pub fn open(config: ServerConfig) -> Result<Server, ServerError> {
         check_exposure(&config)?;
+        let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let authenticator = match &config.auth_file {
             Some(path) => Some(Arc::new(Authenticator::load(path)?)),
             None => None,
@@ -144,6 +177,7 @@ impl Server {
             compliance,
             access,
             authenticator,
+            tls,
             config,
         })
     }
@@ -201,15 +235,8 @@ impl Server {
         let mut builder = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
             .max_concurrent_streams(Some(self.config.max_concurrent_streams));
-        if let Some(tls) = &self.config.tls {
-            let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-            let mut tls_config = ServerTlsConfig::new().identity(identity);
-            if let Some(ca) = &tls.client_ca {
-                tls_config = tls_config
-                    .client_ca_root(Certificate::from_pem(read(ca)?))
-                    .client_auth_optional(true);
-            }
-            builder = builder.tls_config(tls_config)?;
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls)?;
         }
         // Reflection (v1 and the older v1alpha that some tools still ask for): grpcurl,
         // buf curl, Postman and Evans need no proto files.

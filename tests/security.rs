@@ -273,6 +273,62 @@ async fn unsafe_exposure_is_refused_unless_insecure() {
     assert!(Server::open(insecure).is_ok());
 }
 
+/// TLS files are read and parsed when the server opens: a missing file or PEM that is no
+/// key stops the start, naming the file, before the data dir is created or anything serves.
+#[tokio::test]
+async fn unreadable_or_invalid_tls_files_stop_the_start_before_anything_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let cert = dir.path().join("server.pem");
+    std::fs::write(&cert, &pki.server_cert).unwrap();
+    let data = dir.path().join("data");
+    let mut config = ServerConfig::new(data.clone(), "127.0.0.1:0".parse().unwrap());
+
+    config.tls = Some(TlsFiles {
+        cert: cert.clone(),
+        key: dir.path().join("missing.key"),
+        client_ca: None,
+    });
+    let error = Server::open(config.clone())
+        .err()
+        .expect("a missing key file is refused")
+        .to_string();
+    assert!(error.contains("missing.key"), "{error}");
+    assert!(
+        !data.exists(),
+        "the data dir was created before the TLS files were read"
+    );
+
+    // A certificate where the key should be.
+    config.tls = Some(TlsFiles {
+        cert: cert.clone(),
+        key: cert.clone(),
+        client_ca: None,
+    });
+    let error = Server::open(config.clone())
+        .err()
+        .expect("a certificate is no private key")
+        .to_string();
+    assert!(error.contains("TLS") && error.contains("key"), "{error}");
+    assert!(!data.exists());
+
+    config.tls = Some(TlsFiles {
+        cert: cert.clone(),
+        key: {
+            let key = dir.path().join("server.key");
+            std::fs::write(&key, &pki.server_key).unwrap();
+            key
+        },
+        client_ca: Some(dir.path().join("missing-ca.pem")),
+    });
+    let error = Server::open(config.clone())
+        .err()
+        .expect("a missing client CA is refused")
+        .to_string();
+    assert!(error.contains("missing-ca.pem"), "{error}");
+    assert!(!data.exists());
+}
+
 struct Pki {
     ca: String,
     server_cert: String,
