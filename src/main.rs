@@ -555,21 +555,26 @@ fn main() -> ExitCode {
 fn parse_command_line() -> anyhow::Result<Cli> {
     use clap::{CommandFactory, FromArgMatches};
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let matches = Cli::command().get_matches_from(&argv);
-    if let Some(("serve", serve)) = matches.subcommand() {
-        if let Some(path) = serve.get_one::<PathBuf>("config") {
-            let mut command = Cli::command();
-            command.build();
-            let serve_command = command
-                .find_subcommand("serve")
-                .expect("serve is a subcommand");
-            argv.extend(settings_file_args(path, serve_command, serve)?);
-            return Ok(Cli::from_arg_matches(
-                &Cli::command().get_matches_from(&argv),
-            )?);
-        }
+    // The first look only finds the settings file: a setting another one requires may be
+    // in the file (`--tls-cert` given, `tls_key` in the file), so rules between arguments
+    // wait for the full parse below, which also reports every error.
+    let first = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(&argv);
+    if let Ok(first) = &first
+        && let Some(("serve", serve)) = first.subcommand()
+        && let Some(path) = serve.get_one::<PathBuf>("config")
+    {
+        let mut command = Cli::command();
+        command.build();
+        let serve_command = command
+            .find_subcommand("serve")
+            .expect("serve is a subcommand");
+        argv.extend(settings_file_args(path, serve_command, serve)?);
     }
-    Ok(Cli::from_arg_matches(&matches)?)
+    Ok(Cli::from_arg_matches(
+        &Cli::command().get_matches_from(&argv),
+    )?)
 }
 
 /// The settings of a TOML file as command-line flags, leaving out those a flag or an

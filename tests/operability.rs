@@ -95,6 +95,117 @@ async fn settings_come_from_flags_then_environment_then_file_then_defaults() {
     );
 }
 
+/// A setting that requires another may come from a different source than it: the
+/// certificate as a flag, its key from the environment or the file. The server then
+/// serves TLS; with the key nowhere, it stops before announcing an address.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_settings_may_come_from_flag_environment_and_file_together() {
+    use audit_ledger::proto::GetCheckpointRequest;
+    use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key_pair)
+        .unwrap();
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    std::fs::write(&cert, certificate.pem()).unwrap();
+    std::fs::write(&key, key_pair.serialize_pem()).unwrap();
+    let settings = dir.path().join("settings.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "listen = \"127.0.0.1:0\"\ntls_key = {:?}\n",
+            key.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let call = |address: String| {
+        let ca = Certificate::from_pem(certificate.pem());
+        async move {
+            let port = address.rsplit(':').next().unwrap().to_owned();
+            let channel = Channel::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(ca)
+                        .domain_name("localhost"),
+                )
+                .unwrap()
+                .connect()
+                .await
+                .expect("TLS connection");
+            LedgerServiceClient::new(channel)
+                .get_checkpoint(GetCheckpointRequest {})
+                .await
+                .expect("a call over TLS")
+                .into_inner()
+                .checkpoint
+                .expect("a checkpoint")
+                .size
+        }
+    };
+
+    // The certificate as a flag, the key from the file.
+    let mut command = serve_command(&data);
+    command
+        .env_remove("AUDIT_LEDGER_TLS_KEY")
+        .arg("--config")
+        .arg(&settings)
+        .arg("--tls-cert")
+        .arg(&cert);
+    let server = ChildServer::spawn(command);
+    assert_eq!(call(server.address.clone()).await, 0);
+    server.terminate();
+
+    // The certificate from the environment, the key from the file.
+    let mut command = serve_command(&data);
+    command
+        .env("AUDIT_LEDGER_TLS_CERT", &cert)
+        .env_remove("AUDIT_LEDGER_TLS_KEY")
+        .arg("--config")
+        .arg(&settings);
+    let server = ChildServer::spawn(command);
+    assert_eq!(call(server.address.clone()).await, 0);
+    server.terminate();
+
+    // No key anywhere: refused by the parse, nothing announced.
+    let output = serve_command(&data)
+        .env_remove("AUDIT_LEDGER_TLS_KEY")
+        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cert)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening on"),
+        "an address was announced"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+
+    // A key file that is not there: refused when the server opens, nothing announced.
+    let output = serve_command(&data)
+        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cert)
+        .env("AUDIT_LEDGER_TLS_KEY", dir.path().join("gone.key"))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening on"),
+        "an address was announced before the TLS files were read"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("gone.key"), "{stderr}");
+}
+
 /// GET /metrics over plain HTTP/1.0.
 fn scrape(port: u16) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
