@@ -174,36 +174,33 @@ async fn tls_settings_may_come_from_flag_environment_and_file_together() {
     server.terminate();
 
     // No key anywhere: refused by the parse, nothing announced.
-    let output = serve_command(&data)
+    let mut command = serve_command(&data);
+    command
         .env_remove("AUDIT_LEDGER_TLS_KEY")
         .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cert);
+    refused_without_announcing(command, "--tls-key");
+
+    // A key file that is not there: refused when the server opens, nothing announced.
+    let mut command = serve_command(&data);
+    command
+        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
         .arg(&cert)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+        .env("AUDIT_LEDGER_TLS_KEY", dir.path().join("gone.key"));
+    refused_without_announcing(command, "gone.key");
+}
+
+/// Runs a `serve` that must fail: it exits unsuccessfully, says `why` on stderr and never
+/// prints the `listening on` line a supervisor waits for.
+fn refused_without_announcing(mut command: Command, why: &str) {
+    let output = command.stderr(Stdio::piped()).output().unwrap();
     assert!(!output.status.success());
     assert!(
         !String::from_utf8_lossy(&output.stdout).contains("listening on"),
         "an address was announced"
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--tls-key"), "{stderr}");
-
-    // A key file that is not there: refused when the server opens, nothing announced.
-    let output = serve_command(&data)
-        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
-        .arg(&cert)
-        .env("AUDIT_LEDGER_TLS_KEY", dir.path().join("gone.key"))
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(
-        !String::from_utf8_lossy(&output.stdout).contains("listening on"),
-        "an address was announced before the TLS files were read"
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("gone.key"), "{stderr}");
+    assert!(stderr.contains(why), "{stderr}");
 }
 
 /// GET /metrics over plain HTTP/1.0.
