@@ -150,28 +150,20 @@ async fn tls_settings_may_come_from_flag_environment_and_file_together() {
         }
     };
 
-    // The certificate as a flag, the key from the file.
-    let mut command = serve_command(&data);
-    command
-        .env_remove("AUDIT_LEDGER_TLS_KEY")
-        .arg("--config")
-        .arg(&settings)
-        .arg("--tls-cert")
-        .arg(&cert);
-    let server = ChildServer::spawn(command);
-    assert_eq!(call(server.address.clone()).await, 0);
-    server.terminate();
-
-    // The certificate from the environment, the key from the file.
-    let mut command = serve_command(&data);
-    command
-        .env("AUDIT_LEDGER_TLS_CERT", &cert)
-        .env_remove("AUDIT_LEDGER_TLS_KEY")
-        .arg("--config")
-        .arg(&settings);
-    let server = ChildServer::spawn(command);
-    assert_eq!(call(server.address.clone()).await, 0);
-    server.terminate();
+    // The key from the file; the certificate as a flag, then from the environment.
+    let mut as_flag = serve_command(&data);
+    as_flag.arg("--tls-cert").arg(&cert);
+    let mut from_environment = serve_command(&data);
+    from_environment.env("AUDIT_LEDGER_TLS_CERT", &cert);
+    for mut command in [as_flag, from_environment] {
+        command
+            .env_remove("AUDIT_LEDGER_TLS_KEY")
+            .arg("--config")
+            .arg(&settings);
+        let server = ChildServer::spawn(command);
+        assert_eq!(call(server.address.clone()).await, 0);
+        server.terminate();
+    }
 
     // No key anywhere: refused by the parse, nothing announced.
     let mut command = serve_command(&data);
