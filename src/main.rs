@@ -58,6 +58,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Rebuild a stopped ledger's derived indexes from its entries alone.
     Reindex(KeyArgs),
+    /// Cut a stopped ledger's damaged log where an entry begins: what is cut is kept in
+    /// `store/cuts/`, with a record of it. Without --confirm, only says what it would cut.
+    CutLog(CutLogArgs),
     /// Load a running server over gRPC and report throughput and latency percentiles.
     Bench(BenchArgs),
     /// Manage the principals of an auth file.
@@ -317,6 +320,22 @@ struct KeyArgs {
 }
 
 #[derive(Args)]
+struct CutLogArgs {
+    /// Data directory of the (stopped) ledger.
+    #[arg(long, env = "AUDIT_LEDGER_DATA_DIR", default_value = "./ledger-data")]
+    data_dir: PathBuf,
+    /// The first entry to cut (the one the refusal to start named); entries before it stay.
+    #[arg(long)]
+    at_entry: u64,
+    /// Why, for the record kept with what is cut.
+    #[arg(long)]
+    reason: String,
+    /// Cut. Without it, nothing changes.
+    #[arg(long)]
+    confirm: bool,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// Settings file (TOML): any flag below by its long name, e.g. `listen = "0.0.0.0:50051"`,
     /// `max-in-flight = 512`. Precedence: flag > environment > this file > default.
@@ -437,6 +456,7 @@ fn main() -> ExitCode {
         Command::VerifierKey(args) => verifier_key(args),
         Command::Verify(args) => verify(args),
         Command::Reindex(args) => reindex(args),
+        Command::CutLog(args) => cut_log(args),
         Command::Bench(args) => bench(args),
         Command::Token(TokenCommand::Add {
             name,
@@ -831,11 +851,18 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if !store_dir.is_dir() {
         anyhow::bail!("{} holds no ledger store", args.key.data_dir.display());
     }
-    let opened = audit_ledger::storage::open_store(
+    let opened = match audit_ledger::storage::open_store(
         &store_dir,
         audit_ledger::storage::StorageKind::default(),
         64 * 1024 * 1024,
-    )?;
+    ) {
+        Ok(opened) => opened,
+        // The store refused to open because its data is wrong: that is a verdict.
+        Err(error) if error.is_damage() => {
+            return Ok(verify_failed(error.first_bad_index(), &error));
+        }
+        Err(error) => return Err(error.into()),
+    };
     let store = opened.store;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
@@ -869,14 +896,21 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Err(error) => {
-            match error.first_bad_index() {
-                Some(index) => println!("FAILED at entry {index}: {error}"),
-                None => println!("FAILED: {error}"),
-            }
-            Ok(ExitCode::from(1))
-        }
+        // Exit 1 when the data is wrong, naming the first entry it leaves untrusted; exit 2
+        // (an error) only when the store could not be read.
+        Err(error) if error.is_damage() => Ok(verify_failed(error.first_bad_index(), &error)),
+        Err(error) => Err(error.into()),
     }
+}
+
+/// `verify`'s report of wrong data: exit 1, `FAILED at entry N: …` whenever the damage is
+/// tied to an entry.
+fn verify_failed(first_bad_index: Option<u64>, error: &dyn std::fmt::Display) -> ExitCode {
+    match first_bad_index {
+        Some(index) => println!("FAILED at entry {index}: {error}"),
+        None => println!("FAILED: {error}"),
+    }
+    ExitCode::from(1)
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -1000,6 +1034,46 @@ fn reindex(args: KeyArgs) -> anyhow::Result<ExitCode> {
         "reindexed {size} entries ({:.1}s)",
         started.elapsed().as_secs_f64()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cut_log(args: CutLogArgs) -> anyhow::Result<ExitCode> {
+    let store_dir = args.data_dir.join(STORE_DIR_NAME);
+    if !store_dir
+        .join(audit_ledger::storage::log_store::LOG_FILE)
+        .is_file()
+    {
+        anyhow::bail!("{} holds no log store", args.data_dir.display());
+    }
+    let cut = audit_ledger::storage::log_store::cut_log(
+        &store_dir,
+        args.at_entry,
+        &args.reason,
+        args.confirm,
+    )?;
+    let lost = cut
+        .indexed_entries
+        .max(cut.intact_entries)
+        .saturating_sub(cut.at_entry);
+    let verb = if args.confirm { "cut" } else { "would cut" };
+    println!(
+        "{verb} {LOG} at byte {} (entry {}): {} bytes (sha256 {}); intact frames held {} entries, the index file vouched for {}; at least {lost} entries are gone; signed checkpoints past the cut: {:?}",
+        cut.at_byte,
+        cut.at_entry,
+        cut.cut_bytes,
+        cut.cut_sha256,
+        cut.intact_entries,
+        cut.indexed_entries,
+        cut.checkpoints_cut,
+        LOG = audit_ledger::storage::log_store::LOG_FILE,
+    );
+    match &cut.kept_in {
+        Some(folder) => println!(
+            "kept what was cut, the index file and cut.json in {}; derived data is rebuilt at the next start",
+            folder.display()
+        ),
+        None => println!("nothing was changed; add --confirm to cut"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -32,8 +32,14 @@ pub enum VerifyError {
     #[error("entry {index}: {problem}")]
     Entry { index: u64, problem: String },
     /// The signed checkpoint for tree size `size` is bad or does not match the tree.
+    /// `first_unproven` is the size of the largest checkpoint that does verify against
+    /// the tree: the first entry no good signed checkpoint covers.
     #[error("checkpoint for tree size {size}: {problem}")]
-    Checkpoint { size: u64, problem: String },
+    Checkpoint {
+        size: u64,
+        problem: String,
+        first_unproven: Option<u64>,
+    },
     #[error("no signed checkpoint in the store")]
     NoCheckpoint,
     #[error(transparent)]
@@ -41,12 +47,32 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
-    /// The first bad entry index, when the failure is about an entry.
+    /// The first entry that cannot be trusted, whenever the data is wrong: the bad entry,
+    /// the first entry no good signed checkpoint covers, or the first entry of a damaged
+    /// part of the store. `None` only when the failure is not tied to the entries.
     pub fn first_bad_index(&self) -> Option<u64> {
         match self {
             VerifyError::Entry { index, .. } => Some(*index),
-            _ => None,
+            VerifyError::Checkpoint { first_unproven, .. } => *first_unproven,
+            VerifyError::NoCheckpoint => Some(0),
+            VerifyError::Storage(error) => error.first_bad_index(),
         }
+    }
+
+    /// Whether the store's data is wrong (exit 1), rather than unreadable (exit 2).
+    pub fn is_damage(&self) -> bool {
+        match self {
+            VerifyError::Storage(error) => error.is_damage(),
+            _ => true,
+        }
+    }
+}
+
+fn checkpoint_error(size: u64, problem: impl Into<String>) -> VerifyError {
+    VerifyError::Checkpoint {
+        size,
+        problem: problem.into(),
+        first_unproven: None,
     }
 }
 
@@ -72,6 +98,22 @@ pub fn verify_store_in_chunks(
     store: &dyn Store,
     verifier: &CheckpointVerifier,
     chunk: u64,
+    progress: impl FnMut(u64, u64),
+) -> Result<VerifyReport, VerifyError> {
+    verify_everything(store, verifier, chunk, progress).map_err(|error| match error {
+        VerifyError::Checkpoint { size, problem, .. } => VerifyError::Checkpoint {
+            size,
+            problem,
+            first_unproven: Some(largest_good_checkpoint(store, verifier)),
+        },
+        other => other,
+    })
+}
+
+fn verify_everything(
+    store: &dyn Store,
+    verifier: &CheckpointVerifier,
+    chunk: u64,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, VerifyError> {
     let chunk = chunk.max(1);
@@ -80,16 +122,13 @@ pub fn verify_store_in_chunks(
         .ok_or(VerifyError::NoCheckpoint)?;
     let checkpoint = verifier
         .verify(&note)
-        .map_err(|error| VerifyError::Checkpoint {
-            size: stored_size,
-            problem: error.to_string(),
-        })?;
+        .map_err(|error| checkpoint_error(stored_size, error.to_string()))?;
     let size = checkpoint.size;
     if size != stored_size {
-        return Err(VerifyError::Checkpoint {
-            size: stored_size,
-            problem: format!("the note says size {size}"),
-        });
+        return Err(checkpoint_error(
+            stored_size,
+            format!("the note says size {size}"),
+        ));
     }
     if let Some(last) = store.last_leaf_index()? {
         if last >= size {
@@ -100,42 +139,28 @@ pub fn verify_store_in_chunks(
         }
     }
 
-    verify_entries(store, size, chunk, &mut progress)?;
+    let claims = verify_entries(store, size, chunk, &mut progress)?;
     let nodes = StoreNodes(store);
 
-    let root_hash = merkle::root_hash(size, &nodes).map_err(|error| VerifyError::Checkpoint {
-        size,
-        problem: error.to_string(),
-    })?;
+    let root_hash = merkle::root_hash(size, &nodes)
+        .map_err(|error| checkpoint_error(size, error.to_string()))?;
     if root_hash != checkpoint.root_hash {
-        return Err(VerifyError::Checkpoint {
+        return Err(checkpoint_error(
             size,
-            problem: "the signed root hash does not match the tree".into(),
-        });
+            "the signed root hash does not match the tree",
+        ));
     }
 
     // Every checkpoint ever signed must be a checkpoint of this very tree.
-    let mut checkpoints = 0;
+    let mut stored_checkpoints = std::collections::BTreeMap::new();
     for item in store.checkpoints() {
         let (stored_size, note) = item?;
-        let older = verifier
-            .verify(&note)
-            .map_err(|error| VerifyError::Checkpoint {
-                size: stored_size,
-                problem: error.to_string(),
-            })?;
-        let root =
-            merkle::root_hash(older.size, &nodes).map_err(|error| VerifyError::Checkpoint {
-                size: older.size,
-                problem: error.to_string(),
-            })?;
-        if older.size != stored_size || older.size > size || root != older.root_hash {
-            return Err(VerifyError::Checkpoint {
-                size: stored_size,
-                problem: "signed a tree that is not a prefix of this ledger".into(),
-            });
-        }
-        checkpoints += 1;
+        check_checkpoint(verifier, &nodes, stored_size, &note, size)?;
+        stored_checkpoints.insert(stored_size, note);
+    }
+    let checkpoints = stored_checkpoints.len() as u64;
+    if let Some(groups) = store.groups() {
+        verify_groups(groups, size, claims, stored_checkpoints)?;
     }
 
     Ok(VerifyReport {
@@ -144,6 +169,128 @@ pub fn verify_store_in_chunks(
         root_hash,
         checkpoints,
     })
+}
+
+/// A stored checkpoint (`note`, kept for tree size `stored_size`) must be signed by the
+/// log's key, for that size, and over this very tree (of `size` entries).
+fn check_checkpoint(
+    verifier: &CheckpointVerifier,
+    nodes: &StoreNodes,
+    stored_size: u64,
+    note: &[u8],
+    size: u64,
+) -> Result<(), VerifyError> {
+    let older = verifier
+        .verify(note)
+        .map_err(|error| checkpoint_error(stored_size, error.to_string()))?;
+    let root = merkle::root_hash(older.size, nodes)
+        .map_err(|error| checkpoint_error(older.size, error.to_string()))?;
+    if older.size != stored_size || older.size > size || root != older.root_hash {
+        return Err(checkpoint_error(
+            stored_size,
+            "signed a tree that is not a prefix of this ledger",
+        ));
+    }
+    Ok(())
+}
+
+/// The size of the largest stored checkpoint that verifies against the stored tree: every
+/// entry below it is proven by a good signature; the first one at or above it is not.
+fn largest_good_checkpoint(store: &dyn Store, verifier: &CheckpointVerifier) -> u64 {
+    let nodes = StoreNodes(store);
+    let stored = store
+        .last_leaf_index()
+        .ok()
+        .flatten()
+        .map_or(0, |last| last + 1);
+    store
+        .checkpoints()
+        .map_while(Result::ok)
+        .filter(|(size, note)| check_checkpoint(verifier, &nodes, *size, note, stored).is_ok())
+        .map(|(size, _)| size)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every byte of every group commit the backend keeps (`ledger.log`'s frames): each group
+/// passes its checksum, the groups hold the entries in order with none missing or twice,
+/// each group's idempotency keys are exactly its entries' keys, and each group's
+/// checkpoint is signed, over this tree, for the size the group ends at, and the one the
+/// store serves for that size (and the store serves no checkpoint that no group holds).
+fn verify_groups(
+    groups: crate::storage::StoredGroups<'_>,
+    size: u64,
+    expected: Vec<Claim>,
+    mut stored_checkpoints: std::collections::BTreeMap<u64, Vec<u8>>,
+) -> Result<(), VerifyError> {
+    let mut claims = Vec::with_capacity(expected.len());
+    let mut next = 0u64;
+    for group in groups {
+        let group = group?;
+        if group.first_index != next {
+            return Err(entry_error(
+                next,
+                format!(
+                    "the log's groups skip from entry {next} to {}",
+                    group.first_index
+                ),
+            ));
+        }
+        let end = group.first_index + group.entries;
+        for (key, record) in &group.idempotency {
+            if !(group.first_index..end).contains(&record.index) {
+                return Err(entry_error(
+                    group.first_index,
+                    format!(
+                        "the group of entries {}..{end} holds an idempotency key for entry {}",
+                        group.first_index, record.index
+                    ),
+                ));
+            }
+            claims.push((Sha256::digest(key).into(), record.index));
+        }
+        if let Some((checkpoint_size, note)) = &group.checkpoint {
+            if *checkpoint_size != end {
+                return Err(checkpoint_error(
+                    *checkpoint_size,
+                    format!(
+                        "the group of entries {}..{end} holds a checkpoint for another size",
+                        group.first_index
+                    ),
+                ));
+            }
+            // The store's copy was checked against the tree above: the same note is too.
+            match stored_checkpoints.remove(checkpoint_size) {
+                Some(stored) if stored == *note => {}
+                Some(_) => {
+                    return Err(checkpoint_error(
+                        *checkpoint_size,
+                        "the store serves another note than the log holds",
+                    ));
+                }
+                None => {
+                    return Err(checkpoint_error(
+                        *checkpoint_size,
+                        "signed in the log, but missing from the checkpoints the store serves",
+                    ));
+                }
+            }
+        }
+        next = end;
+    }
+    if next != size {
+        return Err(entry_error(
+            next,
+            format!("the log's groups end at entry {next}, the tree has {size}"),
+        ));
+    }
+    if let Some((&extra, _)) = stored_checkpoints.iter().next() {
+        return Err(checkpoint_error(
+            extra,
+            "served by the store, but no group of the log holds it",
+        ));
+    }
+    check_claims(size, expected, claims, "the log's groups")
 }
 
 /// Entries are checked in chunks of this many, on every core.
@@ -158,7 +305,7 @@ fn verify_entries(
     size: u64,
     chunk: u64,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<(), VerifyError> {
+) -> Result<Vec<Claim>, VerifyError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let next_chunk = AtomicU64::new(0);
     let checked = AtomicU64::new(0);
@@ -202,9 +349,11 @@ fn verify_entries(
     if let Some((_, error)) = first_failure.into_inner().expect("failure lock") {
         return Err(error);
     }
-    check_idempotency_index(size, claims.into_inner().expect("claims lock"), stored?)?;
+    let mut claims = claims.into_inner().expect("claims lock");
+    claims.sort_unstable();
+    check_claims(size, claims.clone(), stored?, "the idempotency index")?;
     progress(size, size);
-    Ok(())
+    Ok(claims)
 }
 
 /// The stored idempotency index as claims.
@@ -221,13 +370,14 @@ fn stored_claims(store: &dyn Store) -> Result<Vec<Claim>, StorageError> {
 /// What an entry's idempotency key must map to: `(SHA-256 of the key, entry index)`.
 type Claim = ([u8; 32], u64);
 
-/// The stored idempotency index must be exactly the entries' keys, each pointing at its own
-/// entry: one sorted comparison instead of a random look-up per entry. A difference is
-/// reported at the lowest entry it concerns.
-fn check_idempotency_index(
+/// Stored idempotency keys (`what` holds them) must be exactly the entries' keys, each
+/// pointing at its own entry: one sorted comparison instead of a random look-up per
+/// entry. A difference is reported at the lowest entry it concerns.
+fn check_claims(
     size: u64,
     mut expected: Vec<Claim>,
     mut stored: Vec<Claim>,
+    what: &str,
 ) -> Result<(), VerifyError> {
     expected.sort_unstable();
     stored.sort_unstable();
@@ -267,7 +417,9 @@ fn check_idempotency_index(
     let index = first_bad.min(size);
     Err(entry_error(
         index,
-        "the idempotency index ((sender_id, message_id) or fact_id) does not point at this entry",
+        format!(
+            "{what}: the idempotency key ((sender_id, message_id) or fact_id) does not point at this entry"
+        ),
     ))
 }
 

@@ -53,7 +53,7 @@ use super::run_index::{Filter, RunIndex, RunOptions};
 use super::sled_store::{SledIndex, backend, open_sled};
 use super::{
     Checkpoints, CommitBatch, IdempotencyRecord, IdempotencyRecords, IndexStore, Leaves,
-    RawEntries, RawEntry, StorageError, Store, io, malformed,
+    RawEntries, RawEntry, StorageError, Store, StoredGroup, StoredGroups, io, malformed,
 };
 use crate::ledger::merkle::{HASH_SIZE, Hash};
 
@@ -68,6 +68,8 @@ pub const KEYS_DIR: &str = "keys";
 pub const INDEX_DIR: &str = "index";
 /// The fact lists' run index, inside the store directory.
 pub const FACTS_DIR: &str = "facts";
+/// Where the bytes of writes that never completed are set aside, inside the store directory.
+pub const TORN_DIR: &str = "torn";
 
 /// Prefix of an idempotency key in `keys/`; its watermark is [`APPLIED_KEY`] there too.
 const KEY_PREFIX: u8 = b'i';
@@ -129,6 +131,50 @@ struct Tail {
     /// Offsets of durable entries not yet written to the index file (its write failed):
     /// `(position in the file, bytes)`, written before anything else.
     unindexed: Option<(u64, Vec<u8>)>,
+    /// Bytes of a write that never completed, found past the frames at open: set aside
+    /// before the first frame is written over them ([`LogStore::set_aside_torn`]).
+    torn: Option<std::ops::Range<u64>>,
+}
+
+/// What lies past the intact frames of `ledger.log` at open.
+enum LogEnd {
+    /// Nothing: zeros (space zeroed ahead) or the end of the file.
+    Clean,
+    /// A write that never completed, ending at `end`: never acknowledged.
+    Torn { end: u64 },
+}
+
+/// Damage found at open, tied to the first entry it leaves untrusted.
+fn damaged(first_bad_index: u64, detail: String) -> StorageError {
+    StorageError::Damaged {
+        first_bad_index,
+        detail: format!(
+            "{detail}. Nothing was changed. `audit-ledger verify` reports it; `audit-ledger cut-log --at-entry {first_bad_index}` cuts the log there, only when told, keeping what it cuts"
+        ),
+    }
+}
+
+/// Sector size for telling a torn write: a write reaches the disk a sector at a time.
+const SECTOR: u64 = 512;
+
+/// Whether `frame` (the bytes at `start` for the length its header gives) shows a write
+/// that never completed: its checksum's last bytes are zeros, or some sector of it holds
+/// only zeros (a part at least 64 bytes long, so a frame's own short zero runs at a sector
+/// edge do not count). A frame a bit flip or an edit damaged has data in every sector.
+fn looks_unfinished(frame: &[u8], start: u64) -> bool {
+    let tail_unwritten = frame.len() >= 16 && frame[frame.len() - 16..].iter().all(|&b| b == 0);
+    let mut sector_start = start - start % SECTOR;
+    let end = start + frame.len() as u64;
+    while sector_start < end {
+        let from = sector_start.max(start);
+        let to = (sector_start + SECTOR).min(end);
+        let part = &frame[(from - start) as usize..(to - start) as usize];
+        if part.len() >= 64 && part.iter().all(|&b| b == 0) {
+            return true;
+        }
+        sector_start += SECTOR;
+    }
+    tail_unwritten
 }
 
 pub struct LogStore {
@@ -372,6 +418,7 @@ impl LogStore {
                 last_checkpoint: None,
                 in_log: 0,
                 unindexed: None,
+                torn: None,
             }),
         };
         store.recover()?;
@@ -407,29 +454,105 @@ impl LogStore {
         // Only the index file's unsynced tail can be wrong; a few steps back always reach a
         // frame that was durable before its offsets were written.
         for index in (0..indexed).rev().take(64) {
-            let offset = self.offset(index)?;
-            if offset
-                .checked_add(ENTRY_HEADER as u64)
-                .is_none_or(|end| end > log_len)
-            {
-                continue;
-            }
-            let mut header = [0u8; ENTRY_HEADER];
-            self.log.read_exact_at(&mut header, offset).map_err(io)?;
-            if u64_at(&header, 0) != index {
-                continue;
-            }
-            if let Some(frame) = read_frame(&self.log, u64_at(&header, 8), log_len)?
-                && frame.entry_offsets.contains(&offset)
-            {
+            if let Some(frame) = self.frame_vouched(index, log_len)? {
                 return Ok(Some(frame));
             }
         }
         Ok(None)
     }
 
+    /// The intact frame holding entry `index` at the offset the index file gives, or
+    /// `None` when that offset does not lead to it.
+    fn frame_vouched(&self, index: u64, log_len: u64) -> Result<Option<Frame>, StorageError> {
+        let offset = self.offset(index)?;
+        if offset
+            .checked_add(ENTRY_HEADER as u64)
+            .is_none_or(|end| end > log_len)
+        {
+            return Ok(None);
+        }
+        let mut header = [0u8; ENTRY_HEADER];
+        self.log.read_exact_at(&mut header, offset).map_err(io)?;
+        if u64_at(&header, 0) != index {
+            return Ok(None);
+        }
+        Ok(read_frame(&self.log, u64_at(&header, 8), log_len)?
+            .filter(|frame| frame.entry_offsets.contains(&offset)))
+    }
+
+    /// Entry `index`'s offset, from the index file, checked: when the record there does
+    /// not name `index`, the index file (derived, never synced) is wrong, and the offsets
+    /// are derived again from the frames ([`LogStore::repair_offsets`]).
+    fn located(&self, index: u64) -> Result<(u64, [u8; ENTRY_HEADER]), StorageError> {
+        let log_end = self.log_end.load(Ordering::Acquire);
+        let read = |offset: u64| -> Result<Option<[u8; ENTRY_HEADER]>, StorageError> {
+            if offset
+                .checked_add(ENTRY_HEADER as u64)
+                .is_none_or(|end| end > log_end)
+            {
+                return Ok(None);
+            }
+            let mut header = [0u8; ENTRY_HEADER];
+            self.log.read_exact_at(&mut header, offset).map_err(io)?;
+            Ok((u64_at(&header, 0) == index).then_some(header))
+        };
+        let offset = self.offset(index)?;
+        if let Some(header) = read(offset)? {
+            return Ok((offset, header));
+        }
+        let offset = self.repair_offsets(index)?;
+        let header = read(offset)?.ok_or_else(|| {
+            damaged(
+                index,
+                format!("entry {index}: its record in the frame that holds it names another index"),
+            )
+        })?;
+        Ok((offset, header))
+    }
+
+    /// Derives the offsets of entry `index`'s frame (and of the frames between it and the
+    /// nearest frame the index file still vouches for) from the log again, writes them to
+    /// the index file, and returns entry `index`'s. Readers call it when the index file
+    /// led them astray: it is derived data, and damage to it costs a walk, not an entry.
+    fn repair_offsets(&self, index: u64) -> Result<u64, StorageError> {
+        let log_end = self.log_end.load(Ordering::Acquire);
+        let mut at = 0;
+        for earlier in (index.saturating_sub(4096)..index).rev() {
+            if let Some(frame) = self.frame_vouched(earlier, log_end)? {
+                at = frame.start;
+                break;
+            }
+        }
+        while let Some(frame) = read_frame(&self.log, at, log_end)? {
+            let first = frame.first_index;
+            let mut offsets = Vec::with_capacity(frame.entry_offsets.len() * 8);
+            for offset in &frame.entry_offsets {
+                offsets.extend_from_slice(&offset.to_le_bytes());
+            }
+            self.idx.write_all_at(&offsets, first * 8).map_err(io)?;
+            if let Some(&offset) = index
+                .checked_sub(first)
+                .and_then(|n| frame.entry_offsets.get(n as usize))
+            {
+                tracing::warn!(
+                    index,
+                    "{INDEX_FILE} gave a wrong offset for this entry: rewritten from {LOG_FILE}"
+                );
+                return Ok(offset);
+            }
+            at = frame.start + frame.len;
+        }
+        Err(damaged(
+            index,
+            format!("entry {index}: no intact frame of {LOG_FILE} holds it"),
+        ))
+    }
+
     fn recover(&self) -> Result<(), StorageError> {
         let log_len = self.log.metadata().map_err(io)?.len();
+        // What the index file vouched for before this open touched it: evidence of which
+        // frames were durable (their offsets are written only after their `fdatasync`).
+        let indexed = self.idx.metadata().map_err(io)?.len() / 8;
         let mut tail = self.tail.lock().expect("tail lock");
         let (mut at, mut entries) = match self.last_indexed_frame(log_len)? {
             Some(frame) => {
@@ -439,13 +562,16 @@ impl LogStore {
             None => (0, 0),
         };
         // From the last frame the index vouches for (again: its offsets may be partial),
-        // every intact frame is kept and indexed; the first that is not ends the log.
+        // every intact frame is kept and indexed; the first that is not ends the frames.
         while let Some(frame) = read_frame(&self.log, at, log_len)? {
             if frame.first_index != entries && !frame.entry_offsets.is_empty() {
-                return Err(malformed(format!(
-                    "log frame at {at} starts at entry {} where {entries} was due",
-                    frame.first_index
-                )));
+                return Err(damaged(
+                    entries,
+                    format!(
+                        "the frame at byte {at} of {LOG_FILE} starts at entry {} where {entries} was due (a frame was removed or replayed)",
+                        frame.first_index
+                    ),
+                ));
             }
             let mut offsets = Vec::with_capacity(frame.entry_offsets.len() * 8);
             for offset in &frame.entry_offsets {
@@ -458,24 +584,18 @@ impl LogStore {
             }
             at = frame.start + frame.len;
         }
-        if tail.keys_applied > at {
-            // `keys/` holds what a frame beyond the intact log said: the log was cut or altered
-            // after that frame was durable. Refuse, and change nothing.
-            return Err(malformed(format!(
-                "the log is intact only up to byte {at}, but frames up to byte {} were written and applied: the log was truncated or altered",
-                tail.keys_applied
-            )));
-        }
-        let mut next = [0u8; 4];
-        if at < log_len && self.log.read_at(&mut next, at).map_err(io)? > 0 && next != [0; 4] {
-            // A write that never completed (so was never acknowledged). Its bytes stay until
-            // the next frame overwrites them; nothing reads past `log_end`. (Zeros are
-            // space zeroed ahead, not a frame.)
-            tracing::warn!(
-                offset = at,
-                bytes = log_len - at,
-                "ignoring an incomplete frame at the end of the log"
-            );
+        // Only now is anything cut or set aside: once what lies past the frames is known
+        // never to have been acknowledged.
+        match self.examine_end(at, log_len, entries, indexed, tail.keys_applied)? {
+            LogEnd::Clean => {}
+            LogEnd::Torn { end } => {
+                tracing::warn!(
+                    offset = at,
+                    bytes = end - at,
+                    "an incomplete frame at the end of the log (a write that never completed, never acknowledged): it is set aside in {TORN_DIR}/ before the next write"
+                );
+                tail.torn = Some(at..end);
+            }
         }
         self.idx.set_len(entries * 8).map_err(io)?;
         self.idx.sync_all().map_err(io)?;
@@ -484,6 +604,215 @@ impl LogStore {
         self.log_end.store(at, Ordering::Release);
         self.entries.store(entries, Ordering::Release);
         self.apply_from(&mut tail)?;
+        Ok(())
+    }
+
+    /// What lies in `ledger.log` past its intact frames, which end at `at` and hold
+    /// `entries` entries. A write that never completed was never acknowledged, and may be
+    /// set aside; anything that may have been acknowledged is damage, and the open stops
+    /// with nothing changed. It may have been acknowledged when:
+    /// - `keys/` applied frames past `at` (`keys_applied`), or the index file holds offsets
+    ///   of entries past the intact ones (both are written only after a frame's
+    ///   `fdatasync`);
+    /// - an intact frame lies further on (frames are written one after another, each only
+    ///   once the one before is durable);
+    /// - the frame at `at` was written whole — every sector of it holds data and its
+    ///   checksum's last bytes are there — yet fails its checksum: a torn write leaves
+    ///   sectors of zeros (the space ahead is zeroed and synced before frames reach it).
+    fn examine_end(
+        &self,
+        at: u64,
+        log_len: u64,
+        entries: u64,
+        indexed: u64,
+        keys_applied: u64,
+    ) -> Result<LogEnd, StorageError> {
+        let refuse = |detail: String| {
+            Err(damaged(
+                entries,
+                format!("{LOG_FILE} holds intact frames only up to byte {at}; {detail}"),
+            ))
+        };
+        if keys_applied > at {
+            return refuse(format!(
+                "frames up to byte {keys_applied} were durable and applied to {KEYS_DIR}/: the log was truncated or altered"
+            ));
+        }
+        if indexed > entries {
+            let mut offsets = vec![0u8; ((indexed - entries) * 8) as usize];
+            self.idx
+                .read_exact_at(&mut offsets, entries * 8)
+                .map_err(io)?;
+            let vouched = offsets
+                .chunks_exact(8)
+                .filter(|offset| offset.iter().any(|&byte| byte != 0))
+                .count();
+            if vouched > 0 {
+                return refuse(format!(
+                    "{INDEX_FILE} holds the offsets of {vouched} entries past them, written only once their frames were durable: the log was truncated or altered"
+                ));
+            }
+        }
+        let mut data_end = at;
+        let mut position = at;
+        let mut chunk = vec![0u8; 1 << 20];
+        while position < log_len {
+            let len = (log_len - position).min(chunk.len() as u64) as usize;
+            let bytes = &mut chunk[..len];
+            self.log.read_exact_at(bytes, position).map_err(io)?;
+            if let Some(last) = bytes.iter().rposition(|&byte| byte != 0) {
+                data_end = position + last as u64 + 1;
+            }
+            for (offset, _) in bytes
+                .windows(MAGIC.len())
+                .enumerate()
+                .filter(|(_, window)| *window == MAGIC)
+            {
+                let start = position + offset as u64;
+                if start == at {
+                    continue;
+                }
+                match read_frame(&self.log, start, log_len) {
+                    Ok(None) => {}
+                    Ok(Some(_)) | Err(_) => {
+                        return refuse(format!(
+                            "an intact frame lies further on, at byte {start}: the frame at {at} was complete once, so it was altered or damaged"
+                        ));
+                    }
+                }
+            }
+            // Overlap by the magic's length less one, so no magic is missed at a seam.
+            position += (len as u64).max(MAGIC.len() as u64) - (MAGIC.len() as u64 - 1);
+            if position + MAGIC.len() as u64 > log_len {
+                break;
+            }
+        }
+        if data_end == at {
+            return Ok(LogEnd::Clean);
+        }
+        if let Some(len) = self.whole_frame_len(at, log_len)? {
+            let mut bytes = vec![0u8; len as usize];
+            self.log.read_exact_at(&mut bytes, at).map_err(io)?;
+            if !looks_unfinished(&bytes, at) {
+                return refuse(format!(
+                    "the frame there ({len} bytes) was written whole but fails its SHA-256: it may have been acknowledged, and was altered or damaged"
+                ));
+            }
+        }
+        if let Some(len) = self.whole_but_for_its_header(at, log_len)? {
+            return refuse(format!(
+                "the frame there ({len} bytes) was written whole, but its magic or length field was altered or damaged"
+            ));
+        }
+        Ok(LogEnd::Torn { end: data_end })
+    }
+
+    /// The length of the frame at `at` when its header is readable and the file holds all
+    /// of it.
+    fn whole_frame_len(&self, at: u64, log_len: u64) -> Result<Option<u64>, StorageError> {
+        if at + (FRAME_HEADER as u64) > log_len {
+            return Ok(None);
+        }
+        let mut header = [0u8; FRAME_HEADER];
+        self.log.read_exact_at(&mut header, at).map_err(io)?;
+        let len = u64_at(&header, 4);
+        let fits = len >= (FRAME_HEADER + HASH_SIZE) as u64
+            && at.checked_add(len).is_some_and(|end| end <= log_len);
+        Ok((&header[..4] == MAGIC && fits).then_some(len))
+    }
+
+    /// The length of the frame at `at` when, its magic and length field aside, it is a
+    /// whole frame: its records walked from the counts in its header end where a checksum
+    /// matches them (with the magic and length a frame of that length has). A torn write
+    /// never checks out so; a frame whose header bytes a bit flip hit does.
+    fn whole_but_for_its_header(&self, at: u64, log_len: u64) -> Result<Option<u64>, StorageError> {
+        let available = log_len.saturating_sub(at);
+        if available < (FRAME_HEADER + HASH_SIZE) as u64 {
+            return Ok(None);
+        }
+        let read = |offset: u64, len: usize| -> Result<Option<Vec<u8>>, StorageError> {
+            if offset + len as u64 > log_len {
+                return Ok(None);
+            }
+            let mut bytes = vec![0u8; len];
+            self.log.read_exact_at(&mut bytes, offset).map_err(io)?;
+            Ok(Some(bytes))
+        };
+        let Some(header) = read(at, FRAME_HEADER)? else {
+            return Ok(None);
+        };
+        let first_index = u64_at(&header, 12);
+        let (entries, keys) = (u32_at(&header, 20) as u64, u32_at(&header, 24) as u64);
+        if header[28] > 1 {
+            return Ok(None);
+        }
+        let mut position = at + FRAME_HEADER as u64;
+        for n in 0..entries {
+            let Some(record) = read(position, ENTRY_HEADER)? else {
+                return Ok(None);
+            };
+            if u64_at(&record, 0) != first_index + n || u64_at(&record, 8) != at {
+                return Ok(None);
+            }
+            position += (ENTRY_HEADER
+                + u32_at(&record, 16) as usize
+                + u32_at(&record, 20) as usize
+                + record[24] as usize * HASH_SIZE) as u64;
+        }
+        for _ in 0..keys {
+            let Some(key_len) = read(position, 2)? else {
+                return Ok(None);
+            };
+            position += (2
+                + u16::from_le_bytes([key_len[0], key_len[1]]) as usize
+                + IdempotencyRecord::ENCODED_LEN) as u64;
+        }
+        if header[28] == 1 {
+            let Some(checkpoint) = read(position, 12)? else {
+                return Ok(None);
+            };
+            position += 12 + u32_at(&checkpoint, 8) as u64;
+        }
+        let len = position - at + HASH_SIZE as u64;
+        let Some(mut bytes) = read(at, len as usize)? else {
+            return Ok(None);
+        };
+        bytes[..4].copy_from_slice(MAGIC);
+        bytes[4..12].copy_from_slice(&len.to_le_bytes());
+        let body = bytes.len() - HASH_SIZE;
+        Ok((Sha256::digest(&bytes[..body]).as_slice() == &bytes[body..]).then_some(len))
+    }
+
+    /// Before the first frame after an open that found a torn write: its bytes are copied
+    /// into `torn/` (synced) and zeroed in the log, so the next torn write is never mixed
+    /// with an older one's bytes (which would make it look written whole).
+    fn set_aside_torn(&self, tail: &mut Tail) -> Result<(), StorageError> {
+        let Some(range) = tail.torn.clone() else {
+            return Ok(());
+        };
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        self.log
+            .read_exact_at(&mut bytes, range.start)
+            .map_err(io)?;
+        let dir = self.dir.join(TORN_DIR);
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let path = dir.join(format!("{}-{}.bin", range.start, range.end));
+        let file = File::create(&path).map_err(io)?;
+        file.write_all_at(&bytes, 0).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        File::open(&dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+        bytes.fill(0);
+        self.log.write_all_at(&bytes, range.start).map_err(io)?;
+        self.log.sync_data().map_err(io)?;
+        tracing::warn!(
+            offset = range.start,
+            bytes = bytes.len(),
+            path = %path.display(),
+            "set aside the bytes of a write that never completed"
+        );
+        tail.torn = None;
         Ok(())
     }
 
@@ -565,9 +894,7 @@ impl LogStore {
         if index >= self.entries.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let offset = self.offset(index)?;
-        let mut header = [0u8; ENTRY_HEADER];
-        self.log.read_exact_at(&mut header, offset).map_err(io)?;
+        let (offset, header) = self.located(index)?;
         let (nodes, leaf_len, body_len) = self.parts(index, offset, &header)?;
         let mut bytes = vec![0u8; nodes + leaf_len + body_len];
         self.log
@@ -583,14 +910,13 @@ impl LogStore {
         if index >= self.entries.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let offset = self.offset(index)?;
+        let mut offset = self.offset(index)?;
         // The header and up to 8 nodes in one read; more in a second.
         let mut first = [0u8; ENTRY_HEADER + 8 * HASH_SIZE];
-        let read = self.log.read_at(&mut first, offset).map_err(io)?;
-        if read < ENTRY_HEADER {
-            return Err(malformed(format!(
-                "entry {index}: its record is not where the index says"
-            )));
+        let mut read = self.log.read_at(&mut first, offset).map_err(io)?;
+        if read < ENTRY_HEADER || u64_at(&first, 0) != index {
+            offset = self.located(index)?.0;
+            read = self.log.read_at(&mut first, offset).map_err(io)?;
         }
         self.parts(index, offset, &first[..ENTRY_HEADER])?;
         let count = first[24] as usize;
@@ -617,9 +943,7 @@ impl LogStore {
         if index >= self.entries.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let offset = self.offset(index)?;
-        let mut header = [0u8; ENTRY_HEADER];
-        self.log.read_exact_at(&mut header, offset).map_err(io)?;
+        let (offset, header) = self.located(index)?;
         let (nodes, leaf, body) = self.parts(index, offset, &header)?;
         let leaf_start = offset + (ENTRY_HEADER + nodes) as u64;
         let body_start = leaf_start + leaf as u64;
@@ -657,6 +981,162 @@ impl Drop for LogStore {
             tracing::warn!(%error, "sled flush of the access log at close failed");
         }
     }
+}
+
+/// Where `cut-log` keeps what it cut, inside the store directory: one folder per cut.
+pub const CUTS_DIR: &str = "cuts";
+
+/// What `cut-log` finds (and, when told, does): where `ledger.log` is cut and what lies
+/// past the cut. Written as `cut.json` beside the cut bytes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogCut {
+    /// Entries kept: the log is cut where entry `at_entry` would begin.
+    pub at_entry: u64,
+    /// Byte of `ledger.log` the cut is at (the end of the last frame kept).
+    pub at_byte: u64,
+    /// Length of `ledger.log` before the cut (space zeroed ahead included).
+    pub log_bytes: u64,
+    /// Bytes cut (up to the last one that is not zero) and their SHA-256, hex.
+    pub cut_bytes: u64,
+    pub cut_sha256: String,
+    /// Entries in intact frames from the start of the log.
+    pub intact_entries: u64,
+    /// Entries whose offsets the index file held: the ones acknowledged, as far as it knew.
+    pub indexed_entries: u64,
+    /// Tree sizes of the intact checkpoints past the cut (signed, maybe seen by clients).
+    pub checkpoints_cut: Vec<u64>,
+    /// Why, as the operator said.
+    pub reason: String,
+    /// When (RFC 3339, UTC).
+    pub cut_at: String,
+    /// The folder holding `cut.json`, the cut bytes and the index file as it was (once done).
+    pub kept_in: Option<PathBuf>,
+}
+
+/// Plans (and with `confirm`, makes) a cut of a stopped log store's `ledger.log` where
+/// entry `at_entry` would begin: the only way anything acknowledged is ever removed, and
+/// only when an operator asks, after the store refused to open on damage. The cut bytes,
+/// the index file as it was and a `cut.json` record are kept in `cuts/<time>-entry-<N>/`
+/// (synced before anything is cut); the derived `keys/`, `facts/` and `index/` are
+/// removed, to be rebuilt from the shortened log at the next open.
+pub fn cut_log(
+    dir: &Path,
+    at_entry: u64,
+    reason: &str,
+    confirm: bool,
+) -> Result<LogCut, StorageError> {
+    // Held through the cut: a running server holds it too, so a live store is never cut.
+    let _lock = open_sled(dir, 1 << 20, None)?;
+    let log = File::open(dir.join(LOG_FILE)).map_err(io)?;
+    let log_len = log.metadata().map_err(io)?.len();
+    // (end byte, entries so far, checkpoint size) after each intact frame, from the start.
+    let mut frames: Vec<(u64, u64, Option<u64>)> = vec![(0, 0, None)];
+    let (mut at, mut entries) = (0u64, 0u64);
+    while let Ok(Some(frame)) = read_frame(&log, at, log_len) {
+        if frame.first_index != entries && !frame.entry_offsets.is_empty() {
+            break;
+        }
+        entries += frame.entry_offsets.len() as u64;
+        at = frame.start + frame.len;
+        frames.push((at, entries, frame.checkpoint.map(|(size, _)| size)));
+    }
+    let Some(kept) = frames.iter().rposition(|&(_, count, _)| count == at_entry) else {
+        return Err(malformed(if at_entry > entries {
+            format!(
+                "entry {at_entry} lies past the intact frames of {LOG_FILE}, which hold entries 0..{entries}"
+            )
+        } else {
+            let before = frames
+                .iter()
+                .rev()
+                .find(|f| f.1 < at_entry)
+                .map_or(0, |f| f.1);
+            let after = frames
+                .iter()
+                .find(|f| f.1 > at_entry)
+                .map_or(entries, |f| f.1);
+            format!(
+                "entry {at_entry} is inside a frame; a cut can only be where a frame begins: entry {before} or {after}"
+            )
+        }));
+    };
+    let at_byte = frames[kept].0;
+    let mut cut = vec![0u8; (log_len - at_byte) as usize];
+    log.read_exact_at(&mut cut, at_byte).map_err(io)?;
+    cut.truncate(
+        cut.iter()
+            .rposition(|&byte| byte != 0)
+            .map_or(0, |last| last + 1),
+    );
+    let idx_path = dir.join(INDEX_FILE);
+    let idx = std::fs::read(&idx_path).unwrap_or_default();
+    let now = std::time::SystemTime::now();
+    let mut record = LogCut {
+        at_entry,
+        at_byte,
+        log_bytes: log_len,
+        cut_bytes: cut.len() as u64,
+        cut_sha256: Sha256::digest(&cut)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect(),
+        intact_entries: entries,
+        indexed_entries: idx.len() as u64 / 8,
+        checkpoints_cut: frames[kept + 1..].iter().filter_map(|f| f.2).collect(),
+        reason: reason.to_owned(),
+        cut_at: humantime::format_rfc3339_seconds(now).to_string(),
+        kept_in: None,
+    };
+    if !confirm {
+        return Ok(record);
+    }
+    let stamp = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let kept_in = dir.join(CUTS_DIR).join(format!("{stamp}-entry-{at_entry}"));
+    std::fs::create_dir_all(&kept_in).map_err(io)?;
+    record.kept_in = Some(kept_in.clone());
+    let json = serde_json::to_vec_pretty(&record)
+        .map_err(|error| StorageError::Backend(error.to_string()))?;
+    for (name, bytes) in [
+        ("ledger.log.cut", cut.as_slice()),
+        (INDEX_FILE, idx.as_slice()),
+        ("cut.json", json.as_slice()),
+    ] {
+        let file = File::create(kept_in.join(name)).map_err(io)?;
+        file.write_all_at(bytes, 0).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    for folder in [kept_in.as_path(), &dir.join(CUTS_DIR), dir] {
+        File::open(folder).and_then(|f| f.sync_all()).map_err(io)?;
+    }
+    // Kept and durable: now the cut.
+    let writable = OpenOptions::new()
+        .write(true)
+        .open(dir.join(LOG_FILE))
+        .map_err(io)?;
+    writable.set_len(at_byte).map_err(io)?;
+    writable.sync_all().map_err(io)?;
+    if idx.len() as u64 > at_entry * 8 {
+        let idx_file = OpenOptions::new().write(true).open(&idx_path).map_err(io)?;
+        idx_file.set_len(at_entry * 8).map_err(io)?;
+        idx_file.sync_all().map_err(io)?;
+    }
+    for derived in [KEYS_DIR, FACTS_DIR, INDEX_DIR] {
+        match std::fs::remove_dir_all(dir.join(derived)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+            _ => {}
+        }
+    }
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+    tracing::warn!(
+        at_entry,
+        at_byte,
+        cut_bytes = record.cut_bytes,
+        kept_in = %kept_in.display(),
+        "cut the log, as told"
+    );
+    Ok(record)
 }
 
 /// Before the run indexes, sled held the idempotency keys and checkpoints (with
@@ -726,6 +1206,7 @@ impl Store for LogStore {
                     first.index
                 )));
             }
+            self.set_aside_torn(&mut tail)?;
             let (frame, offsets) = encode_frame(batch, tail.log_end);
             let durable = self
                 .space
@@ -864,6 +1345,55 @@ impl Store for LogStore {
         )
     }
 
+    fn groups(&self) -> Option<StoredGroups<'_>> {
+        let log_end = self.log_end.load(Ordering::Acquire);
+        let (mut at, mut entries, mut failed) = (0u64, 0u64, false);
+        Some(Box::new(std::iter::from_fn(move || {
+            if failed || at >= log_end {
+                return None;
+            }
+            let frame = match read_frame(&self.log, at, log_end) {
+                Ok(Some(frame))
+                    if frame.first_index == entries || frame.entry_offsets.is_empty() =>
+                {
+                    frame
+                }
+                Ok(Some(frame)) => {
+                    failed = true;
+                    return Some(Err(damaged(
+                        entries,
+                        format!(
+                            "the frame at byte {at} of {LOG_FILE} starts at entry {} where {entries} was due (a frame was removed or replayed)",
+                            frame.first_index
+                        ),
+                    )));
+                }
+                Ok(None) => {
+                    failed = true;
+                    return Some(Err(damaged(
+                        entries,
+                        format!(
+                            "the frame at byte {at} of {LOG_FILE} (entries from {entries}) fails its SHA-256 or its framing: it was altered or damaged"
+                        ),
+                    )));
+                }
+                Err(error) => {
+                    failed = true;
+                    return Some(Err(damaged(entries, error.to_string())));
+                }
+            };
+            let group = StoredGroup {
+                first_index: entries,
+                entries: frame.entry_offsets.len() as u64,
+                idempotency: frame.keys,
+                checkpoint: frame.checkpoint,
+            };
+            entries += group.entries;
+            at = frame.start + frame.len;
+            Some(Ok(group))
+        })))
+    }
+
     fn available_bytes(&self) -> Option<u64> {
         // Space zeroed ahead is the log's own to write into.
         let ahead = self.space.ahead_of(self.log_end.load(Ordering::Acquire));
@@ -970,10 +1500,20 @@ impl<'a> RecordScan<'a> {
     }
 
     fn read(&mut self, index: u64) -> Result<RecordView<'_>, StorageError> {
-        let offset = self.offset(index)?;
+        let mut offset = self.offset(index)?;
         let log = &self.store.log;
         let mut header = [0u8; ENTRY_HEADER];
-        header.copy_from_slice(self.window.bytes(log, offset, ENTRY_HEADER)?);
+        let readable = offset
+            .checked_add(ENTRY_HEADER as u64)
+            .is_some_and(|end| end <= self.store.log_end.load(Ordering::Acquire));
+        if readable {
+            header.copy_from_slice(self.window.bytes(log, offset, ENTRY_HEADER)?);
+        }
+        if !readable || u64_at(&header, 0) != index {
+            // The index file led astray: the offsets are derived again, and read again.
+            (offset, header) = self.store.located(index)?;
+            self.offsets.clear();
+        }
         let (nodes, leaf_len, body_len) = self.store.parts(index, offset, &header)?;
         let record = self
             .window
@@ -1206,12 +1746,233 @@ mod tests {
         let idx = dir.path().join(INDEX_FILE);
         std::fs::write(&idx, b"").unwrap();
         assert_holds(&open(dir.path()), 7);
-        // Offsets past the log (written, then the log's frame lost) are dropped.
+        // Zeros past the offsets (the file grew, its data never written) vouch for nothing.
         let mut bytes = std::fs::read(&idx).unwrap();
-        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
-        bytes.extend_from_slice(&12345u64.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 16]);
         std::fs::write(&idx, bytes).unwrap();
         assert_holds(&open(dir.path()), 7);
+    }
+
+    /// Opens a store expected to refuse: the error.
+    fn refused(dir: &Path) -> StorageError {
+        for _ in 0..200 {
+            match LogStore::open(dir, 1 << 20) {
+                Err(error) if error.to_string().contains("in use") => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                Err(error) => return error,
+                Ok(_) => panic!("the store opened"),
+            }
+        }
+        panic!("{} stays locked", dir.display());
+    }
+
+    /// `filled`, with the last frame's start and end.
+    fn filled_with_last_frame(dir: &Path) -> (u64, u64) {
+        let store = filled(dir);
+        let end = store.log_end();
+        let start = store.entry_ranges(4).unwrap().unwrap().leaf.start;
+        let frame_start = {
+            let mut header = [0u8; ENTRY_HEADER];
+            let offset = store.offset(4).unwrap();
+            store.log.read_exact_at(&mut header, offset).unwrap();
+            u64_at(&header, 8)
+        };
+        assert!(frame_start < start);
+        (frame_start, end)
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at as usize] ^= 0x10;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn offsets_of_entries_past_the_intact_log_stop_the_open_and_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last_frame, _) = filled_with_last_frame(dir.path());
+        let idx = dir.path().join(INDEX_FILE);
+        let log = dir.path().join(LOG_FILE);
+        let idx_before = std::fs::read(&idx).unwrap();
+        // Cut at a frame boundary, `keys/` gone too: only the index file remembers.
+        let file = OpenOptions::new().write(true).open(&log).unwrap();
+        file.set_len(last_frame).unwrap();
+        drop(file);
+        std::fs::remove_dir_all(dir.path().join(KEYS_DIR)).unwrap();
+        let error = refused(dir.path());
+        assert_eq!(error.first_bad_index(), Some(4), "{error}");
+        assert!(error.to_string().contains(INDEX_FILE), "{error}");
+        assert_eq!(
+            std::fs::read(&idx).unwrap(),
+            idx_before,
+            "the evidence is kept"
+        );
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), last_frame);
+    }
+
+    #[test]
+    fn a_last_frame_written_whole_that_fails_its_checksum_is_damage_not_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last_frame, end) = filled_with_last_frame(dir.path());
+        // As after a power cut: the index file and `keys/` hold nothing of the last frame.
+        let idx = dir.path().join(INDEX_FILE);
+        let file = OpenOptions::new().write(true).open(&idx).unwrap();
+        file.set_len(4 * 8).unwrap();
+        drop(file);
+        std::fs::remove_dir_all(dir.path().join(KEYS_DIR)).unwrap();
+        let log = dir.path().join(LOG_FILE);
+        let original = std::fs::read(&log).unwrap();
+        for at in [last_frame, last_frame + 6, (last_frame + end) / 2, end - 1] {
+            flip(&log, at);
+            let error = refused(dir.path());
+            assert_eq!(error.first_bad_index(), Some(4), "byte {at}: {error}");
+            assert_eq!(std::fs::read(&log).unwrap().len(), original.len());
+            std::fs::write(&log, &original).unwrap();
+        }
+        assert_holds(&open(dir.path()), 7);
+    }
+
+    #[test]
+    fn damage_followed_by_an_intact_frame_stops_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        let second = store.entry_ranges(0).unwrap().unwrap().leaf.start;
+        drop(store);
+        std::fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        std::fs::remove_dir_all(dir.path().join(KEYS_DIR)).unwrap();
+        flip(&dir.path().join(LOG_FILE), second);
+        let error = refused(dir.path());
+        assert_eq!(error.first_bad_index(), Some(0), "{error}");
+        assert!(error.to_string().contains("intact frame"), "{error}");
+    }
+
+    #[test]
+    fn a_torn_write_is_set_aside_and_zeroed_before_the_next_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        let intact = store.log_end();
+        store.space.wait_ready();
+        drop(store);
+        let log = dir.path().join(LOG_FILE);
+        // A long frame of which only the first half reached the file.
+        let big = batch(7, 40, true);
+        let (frame, _) = encode_frame(&big, intact);
+        let half = &frame[..frame.len() / 2];
+        let file = OpenOptions::new().write(true).open(&log).unwrap();
+        file.write_all_at(half, intact).unwrap();
+        drop(file);
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        assert!(
+            !dir.path().join(TORN_DIR).exists(),
+            "an open alone writes nothing"
+        );
+        store.commit(&batch(7, 1, true)).unwrap();
+        let end = store.log_end();
+        drop(store);
+        let kept = std::fs::read_dir(dir.path().join(TORN_DIR))
+            .unwrap()
+            .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(
+            kept,
+            vec![half.to_vec()],
+            "the torn bytes are kept as they were"
+        );
+        let bytes = std::fs::read(&log).unwrap();
+        let past = &bytes[end as usize..(intact as usize + half.len()).max(end as usize)];
+        assert!(
+            past.iter().all(|&b| b == 0),
+            "no old bytes left past the new frame"
+        );
+        let store = open(dir.path());
+        assert_holds(&store, 8);
+    }
+
+    #[test]
+    fn a_wrong_offset_in_the_index_file_is_derived_again_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path()));
+        let idx = dir.path().join(INDEX_FILE);
+        let mut bytes = std::fs::read(&idx).unwrap();
+        bytes[2 * 8..3 * 8].copy_from_slice(&7u64.to_le_bytes());
+        bytes[5 * 8..6 * 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&idx, &bytes).unwrap();
+        let store = open(dir.path());
+        assert_holds(&store, 7);
+        let repaired = std::fs::read(&idx).unwrap();
+        assert_ne!(repaired, bytes, "the index file is rewritten");
+        drop(store);
+        assert_holds(&open(dir.path()), 7);
+    }
+
+    #[test]
+    fn groups_check_every_frame_and_name_the_first_entry_of_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        let groups: Vec<StoredGroup> = store.groups().unwrap().collect::<Result<_, _>>().unwrap();
+        let shape: Vec<(u64, u64, Option<u64>)> = groups
+            .iter()
+            .map(|g| (g.first_index, g.entries, g.checkpoint.as_ref().map(|c| c.0)))
+            .collect();
+        assert_eq!(shape, [(0, 0, Some(0)), (0, 4, Some(4)), (4, 3, Some(7))]);
+        assert_eq!(groups[1].idempotency, batch(0, 4, true).idempotency);
+        // A byte of the middle frame's keys: the open does not read it, `groups` does.
+        let key_byte = store.entry_ranges(3).unwrap().unwrap().body.end + 3;
+        drop(store);
+        flip(&dir.path().join(LOG_FILE), key_byte);
+        let store = open(dir.path());
+        let error = store
+            .groups()
+            .unwrap()
+            .find_map(Result::err)
+            .expect("a bad group");
+        assert_eq!(error.first_bad_index(), Some(0), "{error}");
+    }
+
+    #[test]
+    fn cut_log_plans_without_changing_then_cuts_keeping_what_it_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last_frame, end) = filled_with_last_frame(dir.path());
+        let log = dir.path().join(LOG_FILE);
+        flip(&log, (last_frame + end) / 2);
+        let before = std::fs::read(&log).unwrap();
+        let error = refused(dir.path());
+        assert_eq!(error.first_bad_index(), Some(4));
+        assert!(
+            cut_log(dir.path(), 5, "test", true).is_err(),
+            "not a frame boundary"
+        );
+        assert!(
+            cut_log(dir.path(), 9, "test", true).is_err(),
+            "past the intact frames"
+        );
+        let plan = cut_log(dir.path(), 4, "test", false).unwrap();
+        assert_eq!(
+            (plan.at_byte, plan.intact_entries, plan.indexed_entries),
+            (last_frame, 4, 7)
+        );
+        assert!(plan.kept_in.is_none());
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            before,
+            "a plan changes nothing"
+        );
+        let cut = cut_log(dir.path(), 4, "bit rot in the last frame", true).unwrap();
+        let kept = cut.kept_in.clone().unwrap();
+        assert_eq!(
+            std::fs::read(kept.join("ledger.log.cut")).unwrap(),
+            before[last_frame as usize..end as usize]
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(kept.join("cut.json")).unwrap()).unwrap();
+        assert_eq!(record["at_entry"], 4);
+        assert_eq!(record["reason"], "bit rot in the last frame");
+        assert_eq!(std::fs::read(kept.join(INDEX_FILE)).unwrap().len(), 7 * 8);
+        let store = open(dir.path());
+        assert_holds(&store, 4);
+        assert_eq!(store.latest_checkpoint().unwrap().unwrap().0, 4);
     }
 
     #[test]

@@ -156,6 +156,34 @@ pub enum StorageError {
     /// A stored value does not have the shape this code writes: the store was altered.
     #[error("stored value is malformed: {0}")]
     Malformed(String),
+    /// Data that may have been acknowledged no longer checks out. `first_bad_index` is the
+    /// first entry that cannot be trusted; nothing was changed (the evidence is kept).
+    #[error("the store is damaged from entry {first_bad_index} on: {detail}")]
+    Damaged {
+        first_bad_index: u64,
+        detail: String,
+    },
+}
+
+impl StorageError {
+    /// True when the store's data is wrong (altered or damaged), as opposed to the store
+    /// being unreadable (I/O, a lock held, a full disk).
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Malformed(_) | StorageError::Damaged { .. }
+        )
+    }
+
+    /// The first entry that cannot be trusted, when the damage is tied to one.
+    pub fn first_bad_index(&self) -> Option<u64> {
+        match self {
+            StorageError::Damaged {
+                first_bad_index, ..
+            } => Some(*first_bad_index),
+            _ => None,
+        }
+    }
 }
 
 /// A stored value with a shape this code does not write.
@@ -237,7 +265,28 @@ pub trait Store: Send + Sync + 'static {
     fn available_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// The group commits as the backend keeps them, oldest first, each checked against
+    /// the backend's own checksum (a group that fails it is [`StorageError::Damaged`],
+    /// naming its first entry), for `verify` to check every byte a group holds against
+    /// the entries and the signatures. `None` when the backend keeps no groups of its own
+    /// (sled: its keys are what it stores, and sled checksums its pages itself).
+    fn groups(&self) -> Option<StoredGroups<'_>> {
+        None
+    }
 }
+
+/// One group commit as stored: its entries' range, and what it wrote beside them.
+#[derive(Debug)]
+pub struct StoredGroup {
+    pub first_index: u64,
+    pub entries: u64,
+    pub idempotency: Vec<(Vec<u8>, IdempotencyRecord)>,
+    pub checkpoint: Option<(u64, Vec<u8>)>,
+}
+
+/// Group commits in the order they were made.
+pub type StoredGroups<'a> = Box<dyn Iterator<Item = Result<StoredGroup, StorageError>> + Send + 'a>;
 
 /// One entry as the store holds it, for sequential reads (`verify`). A part that is not
 /// stored is `None`: the reader decides what that means.

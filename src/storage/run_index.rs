@@ -349,7 +349,16 @@ impl Run {
     /// Opens the run file `seq` in `dir`, reading its block index and filter.
     fn open(dir: &Path, seq: u64) -> Result<Self, StorageError> {
         let path = run_path(dir, seq);
-        let file = File::open(&path).map_err(io)?;
+        let file = match File::open(&path) {
+            // The manifest names it: a run removed behind the index's back is damage.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(malformed(format!(
+                    "index run {} is named by the manifest but missing",
+                    path.display()
+                )));
+            }
+            other => other.map_err(io)?,
+        };
         let bytes = file.metadata().map_err(io)?.len();
         let bad = |what: &str| malformed(format!("index run {}: {what}", path.display()));
         if bytes < FOOTER_LEN as u64 {
