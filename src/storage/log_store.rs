@@ -563,7 +563,14 @@ impl LogStore {
         };
         // From the last frame the index vouches for (again: its offsets may be partial),
         // every intact frame is kept and indexed; the first that is not ends the frames.
-        while let Some(frame) = read_frame(&self.log, at, log_len)? {
+        // An intact frame out of place (moved) is damage from the entry it should hold on.
+        let frame_at = |at: u64, entries: u64| {
+            read_frame(&self.log, at, log_len).map_err(|error| match error {
+                StorageError::Malformed(detail) => damaged(entries, detail),
+                other => other,
+            })
+        };
+        while let Some(frame) = frame_at(at, entries)? {
             if frame.first_index != entries && !frame.entry_offsets.is_empty() {
                 return Err(damaged(
                     entries,
@@ -930,6 +937,19 @@ impl LogStore {
             bytes
         };
         Ok(Some(decode_nodes(&bytes)))
+    }
+
+    /// Where each intact frame lies in `ledger.log`, in order (forensics, and tests that
+    /// cut, drop or replay a frame behind the ledger's back).
+    pub fn frame_spans(&self) -> Result<Vec<std::ops::Range<u64>>, StorageError> {
+        let log_end = self.log_end.load(Ordering::Acquire);
+        let mut spans = Vec::new();
+        let mut at = 0;
+        while let Some(frame) = read_frame(&self.log, at, log_end)? {
+            spans.push(frame.start..frame.start + frame.len);
+            at = frame.start + frame.len;
+        }
+        Ok(spans)
     }
 
     /// Where the log's frames end in `ledger.log` (the file is zeroed further ahead).

@@ -102,6 +102,8 @@ pub(super) fn backend(error: sled::Error) -> StorageError {
         {
             StorageError::NoSpace(error.to_string())
         }
+        // sled's own checksums found damage: the data is wrong, not unreadable.
+        sled::Error::Corruption { .. } => StorageError::Malformed(error.to_string()),
         _ => StorageError::Backend(error.to_string()),
     }
 }
