@@ -154,6 +154,7 @@ impl Server {
                 max_group_records: config.max_group_records,
                 min_free_bytes: config.min_free_bytes,
                 read_only_on_integrity_failure: true,
+                body_check: Some(crate::verify::served_body_problem),
                 ..LedgerOptions::default()
             },
             Some(Box::new(indexer)),

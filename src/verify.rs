@@ -536,6 +536,19 @@ pub fn check_entry(
     Ok((header, record))
 }
 
+/// Whether `body` is the one `leaf`'s record commits to, for every entry the server serves
+/// ([`crate::ledger::LedgerOptions::body_check`]).
+pub fn served_body_problem(leaf: &[u8], body: &[u8]) -> Result<(), String> {
+    let record = LeafRecord::decode(leaf)
+        .map_err(|_| "leaf is not a LeafRecord".to_owned())?
+        .record
+        .ok_or_else(|| "leaf carries no record".to_owned())?;
+    match body_problem(&record, Some(body)) {
+        Some(problem) => Err(problem.to_owned()),
+        None => Ok(()),
+    }
+}
+
 /// The idempotency claim of a checked record.
 fn claim(index: u64, record: leaf_record::Record) -> Claim {
     let key = match record {

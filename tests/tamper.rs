@@ -405,3 +405,80 @@ async fn a_flipped_byte_in_any_file_is_detected_or_harmless() {
     eprintln!("{trials} trials: {detected} detected, {harmless} harmless");
     assert!(detected > 0);
 }
+
+/// Reads check what they serve: an entry whose stored leaf or body was altered behind the
+/// running server's back is DATA_LOSS naming its index, never served, and the server
+/// refuses writes from then on; intact entries are still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_entry_is_never_served_and_stops_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    ledger(dir.path(), 3, 4).await;
+    let (leaf_5, body_6) = {
+        let store = open_log_store(dir.path());
+        (
+            store.entry_ranges(5).unwrap().unwrap().leaf,
+            store.entry_ranges(6).unwrap().unwrap().body,
+        )
+    };
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let log = store_dir(dir.path()).join(LOG_FILE);
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[leaf_5.end as usize - 1] ^= 0x01;
+    bytes[body_6.start as usize] ^= 0x01;
+    let file = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0).unwrap();
+    drop(file);
+
+    let get = |index: u64| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_entry(audit_ledger::proto::GetEntryRequest { index })
+                .await
+        }
+    };
+    assert!(get(4).await.is_ok());
+    for (index, what) in [(5, "leaf hash"), (6, "body")] {
+        let status = get(index).await.expect_err("a damaged entry is not served");
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+        assert!(
+            status.message().contains(&format!("entry {index}")),
+            "{status:?}"
+        );
+        assert!(status.message().contains(what), "{status:?}");
+    }
+    let mut stream = client
+        .list_entries(audit_ledger::proto::ListEntriesRequest {
+            start_index: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut served = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => served += 1,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(
+        (served, status.code()),
+        (5, tonic::Code::DataLoss),
+        "{status:?}"
+    );
+    let refused = client
+        .append(audit_ledger::proto::AppendRequest {
+            communication: Some(communication("after", 1)),
+        })
+        .await
+        .expect_err("writes are refused once damage was found");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    server.stop().await;
+}

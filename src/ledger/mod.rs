@@ -67,7 +67,14 @@ pub struct LedgerOptions {
     /// When the store does not match its signed checkpoint: serve reads and refuse writes
     /// (true, the server), or fail to open (false, offline tools).
     pub read_only_on_integrity_failure: bool,
+    /// How a served entry's body is checked against the record in its leaf (the ledger
+    /// core does not know the record's schema; `records` does). Every entry served is
+    /// also checked against its stored leaf hash.
+    pub body_check: Option<BodyCheck>,
 }
+
+/// Whether `body` is the one `leaf`'s record commits to: `Err` says what is wrong.
+pub type BodyCheck = fn(leaf: &[u8], body: &[u8]) -> Result<(), String>;
 
 impl Default for LedgerOptions {
     fn default() -> Self {
@@ -76,6 +83,7 @@ impl Default for LedgerOptions {
             queue_depth: 4096,
             min_free_bytes: 64 * 1024 * 1024,
             read_only_on_integrity_failure: false,
+            body_check: None,
         }
     }
 }
@@ -107,6 +115,10 @@ pub struct Ledger {
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Set when the store did not match its signed checkpoint at start: reads only.
     refusal: Option<Arc<str>>,
+    /// Set when a read found a stored entry damaged: from then on writes are refused and
+    /// health says so, until an operator has run `verify` and restarted.
+    damage: Arc<std::sync::OnceLock<String>>,
+    body_check: Option<BodyCheck>,
 }
 
 impl Ledger {
@@ -132,6 +144,7 @@ impl Ledger {
             checkpoint: ArcSwap::from_pointee(state.checkpoint.clone()),
         });
         let (requests, queue) = mpsc::channel(options.queue_depth.max(1));
+        let body_check = options.body_check;
         let handle = writer::spawn(
             store.clone(),
             signer,
@@ -147,6 +160,8 @@ impl Ledger {
             requests,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
             refusal: None,
+            damage: Arc::default(),
+            body_check,
         })
     }
 
@@ -184,20 +199,25 @@ impl Ledger {
             requests,
             writer: Arc::new(std::sync::Mutex::new(None)),
             refusal: Some(Arc::from(reason.as_str())),
+            damage: Arc::default(),
+            body_check: None,
         })
     }
 
-    /// Why writes are refused, when they are.
+    /// Why writes are refused, when they are: the store did not match its checkpoint at
+    /// start, or a read has since found a damaged entry.
     pub fn write_refusal(&self) -> Option<&str> {
-        self.refusal.as_deref()
+        self.refusal
+            .as_deref()
+            .or_else(|| self.damage.get().map(String::as_str))
     }
 
     /// Appends records, all or nothing, and returns once they are durable. New records get
     /// contiguous indices in the order given; a record whose idempotency key is already
     /// taken by identical content is reported as a duplicate of the earlier entry.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LedgerError> {
-        if let Some(reason) = &self.refusal {
-            return Err(LedgerError::WritesRefused(reason.to_string()));
+        if let Some(reason) = self.write_refusal() {
+            return Err(LedgerError::WritesRefused(reason.to_owned()));
         }
         let (reply, response) = oneshot::channel();
         self.requests
@@ -227,12 +247,42 @@ impl Ledger {
         self.published.checkpoint.load().size
     }
 
-    /// Entry `index`, if it is in the published tree.
+    /// Entry `index`, if it is in the published tree, checked before it is served: its
+    /// leaf must hash to the stored leaf hash and its body match what the leaf commits to.
+    /// A damaged entry is [`LedgerError::Integrity`] naming the index (never served), and
+    /// the ledger refuses writes from then on.
     pub fn entry(&self, index: u64) -> Result<StoredEntry, LedgerError> {
         if index >= self.tree_size() {
             return Err(LedgerError::NotFound(index));
         }
-        read_entry(self.store.as_ref(), index)
+        let checked = read_entry(self.store.as_ref(), index).and_then(|entry| {
+            if merkle::leaf_hash(&entry.leaf) != entry.leaf_hash {
+                return Err(LedgerError::Integrity(format!(
+                    "entry {index}: the stored leaf does not hash to its leaf hash"
+                )));
+            }
+            if let Some(check) = self.body_check {
+                check(&entry.leaf, &entry.body).map_err(|problem| {
+                    LedgerError::Integrity(format!("entry {index}: {problem}"))
+                })?;
+            }
+            Ok(entry)
+        });
+        checked.map_err(|error| {
+            let error = match error {
+                LedgerError::Storage(storage) if storage.is_damage() => {
+                    LedgerError::Integrity(format!("entry {index}: {storage}"))
+                }
+                other => other,
+            };
+            if let LedgerError::Integrity(reason) = &error {
+                let reason = format!("a read found a damaged entry: {reason}");
+                if self.damage.set(reason).is_ok() {
+                    tracing::error!(index, %error, "a stored entry is damaged: writes are refused from now on");
+                }
+            }
+            error
+        })
     }
 
     /// Inclusion proof of entry `index` in the tree of `tree_size` entries (RFC 9162 §2.1.3).
