@@ -291,8 +291,11 @@ fn restore(root: &Path, files: &[(PathBuf, Vec<u8>)]) {
     }
 }
 
+/// Every entry's (leaf, body), and the latest checkpoint (size, note).
+type Contents = (Vec<(Vec<u8>, Vec<u8>)>, (u64, Vec<u8>));
+
 /// What a reader of the ledger sees: every entry's leaf and body, and the checkpoint.
-fn contents(dir: &Path) -> (Vec<(Vec<u8>, Vec<u8>)>, (u64, Vec<u8>)) {
+fn contents(dir: &Path) -> Contents {
     let opened = common::open_any_store(&store_dir(dir));
     let store = opened.store;
     let size = store.last_leaf_index().unwrap().map_or(0, |last| last + 1);
