@@ -152,15 +152,14 @@ fn verify_everything(
     }
 
     // Every checkpoint ever signed must be a checkpoint of this very tree.
-    let mut stored_checkpoints = std::collections::BTreeMap::new();
+    let mut checkpoints = 0;
     for item in store.checkpoints() {
         let (stored_size, note) = item?;
         check_checkpoint(verifier, &nodes, stored_size, &note, size)?;
-        stored_checkpoints.insert(stored_size, note);
+        checkpoints += 1;
     }
-    let checkpoints = stored_checkpoints.len() as u64;
     if let Some(groups) = store.groups() {
-        verify_groups(groups, size, claims, stored_checkpoints)?;
+        verify_groups(groups, size, &claims, store.checkpoints())?;
     }
 
     Ok(VerifyReport {
@@ -220,10 +219,12 @@ fn largest_good_checkpoint(store: &dyn Store, verifier: &CheckpointVerifier) -> 
 fn verify_groups(
     groups: crate::storage::StoredGroups<'_>,
     size: u64,
-    expected: Vec<Claim>,
-    mut stored_checkpoints: std::collections::BTreeMap<u64, Vec<u8>>,
+    expected: &[Claim],
+    stored_checkpoints: crate::storage::Checkpoints<'_>,
 ) -> Result<(), VerifyError> {
     let mut claims = Vec::with_capacity(expected.len());
+    // Both in ascending size: compared as they come, nothing held.
+    let mut stored_checkpoints = stored_checkpoints.peekable();
     let mut next = 0u64;
     for group in groups {
         let group = group?;
@@ -260,15 +261,22 @@ fn verify_groups(
                 ));
             }
             // The store's copy was checked against the tree above: the same note is too.
-            match stored_checkpoints.remove(checkpoint_size) {
-                Some(stored) if stored == *note => {}
-                Some(_) => {
+            match stored_checkpoints.next().transpose()? {
+                Some((stored_size, stored)) if stored_size == *checkpoint_size => {
+                    if stored != *note {
+                        return Err(checkpoint_error(
+                            *checkpoint_size,
+                            "the store serves another note than the log holds",
+                        ));
+                    }
+                }
+                Some((stored_size, _)) if stored_size < *checkpoint_size => {
                     return Err(checkpoint_error(
-                        *checkpoint_size,
-                        "the store serves another note than the log holds",
+                        stored_size,
+                        "served by the store, but no group of the log holds it",
                     ));
                 }
-                None => {
+                _ => {
                     return Err(checkpoint_error(
                         *checkpoint_size,
                         "signed in the log, but missing from the checkpoints the store serves",
@@ -284,7 +292,7 @@ fn verify_groups(
             format!("the log's groups end at entry {next}, the tree has {size}"),
         ));
     }
-    if let Some((&extra, _)) = stored_checkpoints.iter().next() {
+    if let Some((extra, _)) = stored_checkpoints.next().transpose()? {
         return Err(checkpoint_error(
             extra,
             "served by the store, but no group of the log holds it",
@@ -351,7 +359,7 @@ fn verify_entries(
     }
     let mut claims = claims.into_inner().expect("claims lock");
     claims.sort_unstable();
-    check_claims(size, claims.clone(), stored?, "the idempotency index")?;
+    check_claims(size, &claims, stored?, "the idempotency index")?;
     progress(size, size);
     Ok(claims)
 }
@@ -375,13 +383,13 @@ type Claim = ([u8; 32], u64);
 /// entry. A difference is reported at the lowest entry it concerns.
 fn check_claims(
     size: u64,
-    mut expected: Vec<Claim>,
+    expected: &[Claim],
     mut stored: Vec<Claim>,
     what: &str,
 ) -> Result<(), VerifyError> {
-    expected.sort_unstable();
+    debug_assert!(expected.is_sorted());
     stored.sort_unstable();
-    if expected == stored {
+    if expected == stored.as_slice() {
         return Ok(());
     }
     // The lowest index at which the two differ, on either side.

@@ -485,3 +485,46 @@ async fn a_damaged_entry_is_never_served_and_stops_writes() {
     );
     server.stop().await;
 }
+
+/// `verify` checks every byte a frame holds, not only the entries in it: a flipped byte in
+/// a middle frame's idempotency keys, checkpoint note, checksum, magic or length is exit 1
+/// naming the frame's first entry; and with `keys/` removed as well (documented as safe),
+/// the store refuses to open naming it too, instead of failing without an index.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_checks_every_byte_of_every_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    ledger(dir.path(), 4, 5).await;
+    let log = store_dir(dir.path()).join(LOG_FILE);
+    let (frame, keys_start) = {
+        let store = open_log_store(dir.path());
+        let spans = store.frame_spans().unwrap();
+        // Frame 2 holds entries 5..10; its keys follow entry 9's body.
+        (
+            spans[2].clone(),
+            store.entry_ranges(9).unwrap().unwrap().body.end,
+        )
+    };
+    let original = std::fs::read(&log).unwrap();
+    for (what, at) in [
+        ("an idempotency key", keys_start + 4),
+        ("an idempotency record", keys_start + 30),
+        ("the checkpoint note", frame.end - 32 - 20),
+        ("the checksum", frame.end - 5),
+        ("the magic", frame.start + 1),
+        ("the length", frame.start + 4),
+    ] {
+        let mut bytes = original.clone();
+        bytes[at as usize] ^= 0x01;
+        std::fs::write(&log, &bytes).unwrap();
+        let (code, stdout) = verify_exit(dir.path());
+        assert_eq!(code, 1, "{what}: {stdout}");
+        assert!(stdout.starts_with("FAILED at entry 5"), "{what}: {stdout}");
+        std::fs::write(&log, &original).unwrap();
+    }
+    let mut bytes = original.clone();
+    bytes[keys_start as usize + 4] ^= 0x01;
+    std::fs::write(&log, &bytes).unwrap();
+    std::fs::remove_dir_all(store_dir(dir.path()).join(KEYS_DIR)).unwrap();
+    let stderr = refused_start(dir.path());
+    assert!(stderr.contains("damaged from entry 5"), "{stderr}");
+}

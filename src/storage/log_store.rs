@@ -823,12 +823,33 @@ impl LogStore {
         Ok(())
     }
 
+    /// The first of the `entries` indexed entries whose record lies at or past byte `at`
+    /// (the index file's offsets ascend): the first entry a damaged frame there holds.
+    fn first_entry_from(&self, at: u64, entries: u64) -> u64 {
+        let (mut low, mut high) = (0, entries);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.offset(middle) {
+                Ok(offset) if offset < at => low = middle + 1,
+                _ => high = middle,
+            }
+        }
+        low
+    }
+
     /// Applies the frames from where `keys/` stops to `tail.log_end`.
     fn apply_from(&self, tail: &mut Tail) -> Result<(), StorageError> {
         let mut at = tail.keys_applied;
         while at < tail.log_end {
-            let frame = read_frame(&self.log, at, tail.log_end)?
-                .ok_or_else(|| malformed(format!("log frame at {at} is not intact")))?;
+            let frame = read_frame(&self.log, at, tail.log_end)
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    damaged(
+                        self.first_entry_from(at, tail.in_log),
+                        format!("the frame at byte {at} of {LOG_FILE} is not intact (it was altered or damaged)"),
+                    )
+                })?;
             self.apply(
                 tail,
                 &frame.keys,
