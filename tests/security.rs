@@ -772,6 +772,7 @@ async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
         .list_access_log(ListAccessLogRequest {
             start_index: 2,
             page_size: 10,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -826,4 +827,123 @@ async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
         !ok && stdout.starts_with("FAILED: access record 1"),
         "{stdout}"
     );
+}
+
+/// Issue 16: every ListAccessLog call by an admin is recorded, so a listing bounded by the
+/// trail's current size always had one more page. The first page pins the listing to the
+/// trail as it was; paging through it ends, with exactly the records that existed then.
+#[tokio::test]
+async fn an_admin_pages_through_the_access_log_to_its_end() {
+    use audit_ledger::proto::ListAccessLogRequest;
+    use audit_ledger::proto::access_log_service_client::AccessLogServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let (auth_file, tokens) = principals(dir.path());
+    let mut config = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file);
+    let server = TestServer::start_with(config).await;
+    let address = server.address.clone();
+
+    ledger_as(&address, Some(&tokens.writer))
+        .await
+        .append(AppendRequest {
+            communication: Some(communication("s", 1)),
+        })
+        .await
+        .unwrap();
+    let mut auditor = ledger_as(&address, Some(&tokens.auditor)).await;
+    for _ in 0..5 {
+        auditor
+            .get_entry(GetEntryRequest { index: 0 })
+            .await
+            .unwrap();
+    }
+
+    let mut admin = AccessLogServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.admin.clone())),
+    );
+    let mut records = Vec::new();
+    // One record a page: each page read adds as many records as it returns.
+    let mut request = ListAccessLogRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(pages <= 20, "paging did not end: {} records", records.len());
+        let page = admin
+            .list_access_log(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.records.len() <= 1);
+        records.extend(page.records);
+        if page.next_page_token.is_empty() {
+            assert_eq!(page.next_index, 5, "the size the listing was pinned to");
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    assert_eq!(pages, 5);
+    // Exactly the five reads that existed at the first call: none of the listing's own.
+    let seen: Vec<(u64, &str, &str)> = records
+        .iter()
+        .map(|r| (r.index, r.principal.as_str(), r.method.as_str()))
+        .collect();
+    let expected: Vec<(u64, &str, &str)> = (0..5)
+        .map(|index| {
+            (
+                index,
+                "compliance-tool",
+                "/audit.ledger.v1.LedgerService/GetEntry",
+            )
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].record_hash);
+    }
+
+    // The listing's own pages were recorded all the same, and a new listing sees them.
+    let after = admin
+        .list_access_log(ListAccessLogRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.records.len(), 5 + 5);
+    assert!(after.next_page_token.is_empty());
+    assert!(
+        after.records[5..]
+            .iter()
+            .all(|r| r.principal == "ops" && r.method.ends_with("/ListAccessLog")),
+        "{:?}",
+        &after.records[5..]
+    );
+
+    // A token continues only its own listing.
+    let first = admin
+        .list_access_log(ListAccessLogRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = admin
+        .list_access_log(ListAccessLogRequest {
+            start_index: 3,
+            page_size: 1,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("page_token"),
+        "{}",
+        status.message()
+    );
+    drop((auditor, admin));
+    server.stop().await;
 }
