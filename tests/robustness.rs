@@ -91,10 +91,9 @@ const PATHS: [&str; 8] = [
     "/audit.ledger.v1.ComplianceService/ListViolations",
 ];
 
-#[tokio::test]
-async fn arbitrary_bytes_on_the_wire_get_clean_statuses() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+/// A server holding one communication, a channel for raw calls, and a client.
+async fn serve_one_entry(dir: &std::path::Path) -> (TestServer, Channel, common::Client) {
+    let server = TestServer::start(dir).await;
     let channel = Channel::from_shared(format!("http://{}", server.address))
         .unwrap()
         .connect()
@@ -107,6 +106,13 @@ async fn arbitrary_bytes_on_the_wire_get_clean_statuses() {
         })
         .await
         .unwrap();
+    (server, channel, client)
+}
+
+#[tokio::test]
+async fn arbitrary_bytes_on_the_wire_get_clean_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, channel, mut client) = serve_one_entry(dir.path()).await;
 
     let iterations: usize = std::env::var("FUZZ_ITERATIONS")
         .ok()
@@ -185,19 +191,7 @@ fn every_method() -> Vec<String> {
 #[tokio::test]
 async fn undecodable_requests_are_invalid_argument_for_every_method() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let channel = Channel::from_shared(format!("http://{}", server.address))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = server.client().await;
-    client
-        .append(AppendRequest {
-            communication: Some(communication("s", 1)),
-        })
-        .await
-        .unwrap();
+    let (server, channel, mut client) = serve_one_entry(dir.path()).await;
 
     let methods = every_method();
     assert_eq!(methods.len(), 12, "{methods:?}");
@@ -240,16 +234,9 @@ async fn undecodable_requests_are_invalid_argument_for_every_method() {
             }
         }
     }
-    let size = client
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap()
-        .size;
     assert_eq!(
-        size, 1,
+        common::checkpoint(&mut client).await.size,
+        1,
         "nothing from the undecodable requests was appended"
     );
     server.stop().await;
@@ -336,15 +323,11 @@ async fn invalid_utf8_oversized_and_huge_values_are_refused_cleanly() {
         .unwrap()
         .into_inner();
     assert_eq!(page.entries.len(), 3);
-    let size = client
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoint
-        .unwrap()
-        .size;
-    assert_eq!(size, 3, "nothing from the bad requests was appended");
+    assert_eq!(
+        common::checkpoint(&mut client).await.size,
+        3,
+        "nothing from the bad requests was appended"
+    );
     server.stop().await;
 }
 
