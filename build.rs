@@ -16,8 +16,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Maps as BTreeMap: encoding must be deterministic, because a retry's content is compared
     // by the digest of its encoding (idempotency) and leaves are hashed.
     config.btree_map(["."]);
+    // `prost::Name` on every message: the codec names the message a request failed to
+    // decode as, and tells requests from responses by it.
+    config.enable_type_names();
 
     tonic_prost_build::configure()
+        // A request that does not decode is INVALID_ARGUMENT, not tonic's INTERNAL.
+        .codec_path("crate::grpc::codec::ProtoCodec")
         .file_descriptor_set_path(out_dir.join("audit_ledger_descriptor.bin"))
         .compile_with_config(
             config,

@@ -5,6 +5,11 @@
 //!
 //! Records are written in their own ordered key space and flushed by a background task
 //! within [`FLUSH_INTERVAL`]; a read fails rather than go unrecorded.
+//!
+//! Reading the trail is itself a read by an admin, so the trail grows by one record per
+//! page read. A listing ([`AccessLog::page`]) is therefore pinned, by its page token, to
+//! the trail's size when its first page was asked for, as `ListViolations` is to the
+//! ledger's tree size; otherwise paging to the end would never get there.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +17,8 @@ use std::time::Duration;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use crate::compliance::page_token::{PagePosition, PageTokens, fingerprint};
+use crate::ledger::LedgerError;
 use crate::ledger::time::Timestamp;
 use crate::proto::AccessRecord;
 use crate::storage::{IndexStore, StorageError};
@@ -26,6 +33,21 @@ pub struct Access<'a> {
     pub method: &'a str,
     pub request: String,
     pub result_count: u64,
+}
+
+/// Page size when the request says 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page; larger requests are capped.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// One page of a listing of the trail.
+#[derive(Debug)]
+pub struct AccessPage {
+    pub records: Vec<AccessRecord>,
+    /// Where the next page starts; on the last page, the size the listing is pinned to.
+    pub next_index: u64,
+    /// Empty on the last page.
+    pub next_page_token: String,
 }
 
 struct Tip {
@@ -119,10 +141,61 @@ impl AccessLog {
         self.tip.lock().expect("access log lock").size
     }
 
-    /// Records from `start`, at most `limit`.
-    pub fn list(&self, start: u64, limit: usize) -> Result<Vec<AccessRecord>, StorageError> {
+    /// One page of the listing that starts at `start_index`: the first (`page_token`
+    /// empty) pins the listing to the trail's current size, before this call is recorded;
+    /// each later page continues from its token and never goes past that size, so the
+    /// listing ends even though every page read adds a record.
+    pub fn page(
+        &self,
+        tokens: &PageTokens,
+        start_index: u64,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<AccessPage, LedgerError> {
+        let page_size = match page_size {
+            size if size < 0 => {
+                return Err(LedgerError::invalid("page_size", "must not be negative"));
+            }
+            0 => DEFAULT_PAGE_SIZE,
+            size => (size as usize).min(MAX_PAGE_SIZE),
+        };
+        // A token continues only the listing it came from (not another listing's, nor
+        // one from another start).
+        let listing = fingerprint(&[b"access log", &start_index.to_be_bytes()]);
+        let (size, from) = if page_token.is_empty() {
+            (self.size(), start_index)
+        } else {
+            let position = tokens.check(page_token, listing).map_err(|_| {
+                LedgerError::invalid(
+                    "page_token",
+                    "was not issued by this server for a listing from this start_index",
+                )
+            })?;
+            (position.tree_size, position.index)
+        };
+        let records = self.list(from, size, page_size)?;
+        let next_index = records
+            .last()
+            .map_or(from.max(size), |record| record.index + 1);
+        let next_page_token = if next_index < size {
+            tokens.issue(listing, PagePosition::in_order(size, next_index))
+        } else {
+            String::new()
+        };
+        Ok(AccessPage {
+            records,
+            next_index,
+            next_page_token,
+        })
+    }
+
+    /// Records from `start` below `end`, at most `limit`.
+    fn list(&self, start: u64, end: u64, limit: usize) -> Result<Vec<AccessRecord>, StorageError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
         self.space
-            .range(&key(start), &[0xff; 9], limit)?
+            .range(&key(start), &key(end), limit)?
             .into_iter()
             .map(|(_, value)| {
                 AccessRecord::decode(value.as_slice())
@@ -190,5 +263,64 @@ impl AccessLog {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trail(dir: &std::path::Path) -> AccessLog {
+        let store = crate::storage::SledStore::open(dir, 1 << 20).unwrap();
+        AccessLog::open(Arc::new(store.access_log().unwrap())).unwrap()
+    }
+
+    fn read(log: &AccessLog, n: u64) {
+        log.record(Access {
+            principal: "ops",
+            role: "admin",
+            method: "/audit.ledger.v1.AccessLogService/ListAccessLog",
+            request: format!("read {n}"),
+            result_count: n,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_listing_ends_at_the_size_its_first_page_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = trail(dir.path());
+        let tokens = PageTokens::new(b"secret");
+        for n in 0..5 {
+            read(&log, n);
+        }
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        for _ in 0..10 {
+            let page = log.page(&tokens, 1, 2, &token).unwrap();
+            // Each page read is recorded, as the service does.
+            read(&log, 99);
+            seen.extend(page.records.iter().map(|record| record.index));
+            token = page.next_page_token;
+            if token.is_empty() {
+                assert_eq!(page.next_index, 5);
+                break;
+            }
+        }
+        assert!(token.is_empty(), "the listing did not end");
+        assert_eq!(seen, [1, 2, 3, 4]);
+
+        // A token continues only its own listing.
+        let first = log.page(&tokens, 0, 2, "").unwrap();
+        for (start, token) in [(1, first.next_page_token.as_str()), (0, "forged")] {
+            let error = log.page(&tokens, start, 2, token).unwrap_err();
+            assert!(error.to_string().starts_with("page_token"), "{error}");
+        }
+        let error = log.page(&tokens, 0, -1, "").unwrap_err();
+        assert!(error.to_string().starts_with("page_size"), "{error}");
+        // Past the end: empty, and done.
+        let past = log.page(&tokens, 1000, 0, "").unwrap();
+        assert!(past.records.is_empty() && past.next_page_token.is_empty());
+        assert_eq!(past.next_index, 1000);
     }
 }

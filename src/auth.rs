@@ -3,7 +3,8 @@
 //! Principals live in an auth file (TOML) given with `--auth-file`: a name, a role, and
 //! credentials — the SHA-256 of a bearer token (never the token itself) and/or the SHA-256
 //! of a TLS client certificate (mTLS). A writer may be bound to the sender ids it may submit
-//! communications for. `audit-ledger token add` creates principals.
+//! communications for. Facts decide every verdict, so recording them is a role of its own
+//! (`registrar`), never part of a writer's. `audit-ledger token add` creates principals.
 //!
 //! ```toml
 //! [[principals]]
@@ -29,8 +30,13 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Messaging systems: append communications, record facts, ask CheckSender; read nothing.
+    /// Messaging systems: append communications, ask CheckSender; read nothing, and record
+    /// no facts (a writer bound to its senders could otherwise change who may send for
+    /// any other partner).
     Writer,
+    /// Systems of record for relationships (billing, partner management): record facts, ask
+    /// CheckSender; nothing else.
+    Registrar,
     /// Compliance tools: every read, query and proof; no writes.
     Auditor,
     /// Everything, including the access log.
@@ -42,9 +48,12 @@ impl std::str::FromStr for Role {
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
             "writer" => Ok(Role::Writer),
+            "registrar" => Ok(Role::Registrar),
             "auditor" => Ok(Role::Auditor),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?} (writer, auditor, admin)")),
+            other => Err(format!(
+                "unknown role {other:?} (writer, registrar, auditor, admin)"
+            )),
         }
     }
 }
@@ -53,6 +62,7 @@ impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Role::Writer => "writer",
+            Role::Registrar => "registrar",
             Role::Auditor => "auditor",
             Role::Admin => "admin",
         })
@@ -63,6 +73,9 @@ impl std::fmt::Display for Role {
 const WRITER_METHODS: &[&str] = &[
     "/audit.ledger.v1.LedgerService/Append",
     "/audit.ledger.v1.LedgerService/AppendBatch",
+    "/audit.ledger.v1.ComplianceService/CheckSender",
+];
+const REGISTRAR_METHODS: &[&str] = &[
     "/audit.ledger.v1.ComplianceService/RecordFact",
     "/audit.ledger.v1.ComplianceService/CheckSender",
 ];
@@ -85,12 +98,25 @@ pub fn is_open(path: &str) -> bool {
 }
 
 impl Role {
+    /// Every role, least powerful first.
+    pub const ALL: [Role; 4] = [Role::Writer, Role::Registrar, Role::Auditor, Role::Admin];
+
     pub fn allows(self, path: &str) -> bool {
         match self {
             Role::Admin => true,
             Role::Writer => WRITER_METHODS.contains(&path),
+            Role::Registrar => REGISTRAR_METHODS.contains(&path),
             Role::Auditor => AUDITOR_METHODS.contains(&path),
         }
+    }
+
+    /// The roles that may call `path`, for a refusal that says what is needed (admin, at
+    /// least, may call anything).
+    pub fn allowing(path: &str) -> Vec<Role> {
+        Role::ALL
+            .into_iter()
+            .filter(|role| role.allows(path))
+            .collect()
     }
 
     /// Reads and queries by this role go to the access log.
@@ -111,9 +137,17 @@ pub struct PrincipalEntry {
     /// Hex SHA-256 of the DER client certificate (mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_sha256: Option<String>,
-    /// Sender ids a writer may submit communications for; empty means any.
+    /// Sender ids a writer may submit communications for; empty means any. Writers only:
+    /// no other role's rights are bounded by sender, so a binding there would only look
+    /// like one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub senders: Vec<String>,
+}
+
+/// Why `senders` is refused on a principal of `role`, if it is.
+fn senders_refused(role: Role, senders: &[String]) -> Option<String> {
+    (role != Role::Writer && !senders.is_empty())
+        .then(|| format!("senders binds writers only (a {role} is not bounded by sender)"))
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -237,6 +271,9 @@ impl Authenticator {
                     entry.name
                 )));
             }
+            if let Some(reason) = senders_refused(entry.role, &entry.senders) {
+                return Err(invalid(format!("{}: {reason}", entry.name)));
+            }
             credentials.push(Credential {
                 token,
                 certificate,
@@ -310,8 +347,8 @@ pub fn add_token(
     if file.principals.iter().any(|p| p.name == name) {
         return Err(invalid(format!("principal {name:?} exists already")));
     }
-    if role != Role::Writer && !senders.is_empty() {
-        return Err(invalid("--senders binds writers only".into()));
+    if let Some(reason) = senders_refused(role, &senders) {
+        return Err(invalid(format!("--{reason}")));
     }
     let mut secret = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut secret);
@@ -405,6 +442,25 @@ mod tests {
         assert!(!Role::Auditor.allows("/audit.ledger.v1.LedgerService/AppendBatch"));
         assert!(!Role::Auditor.allows("/audit.ledger.v1.ComplianceService/RecordFact"));
         assert!(Role::Admin.allows("/audit.ledger.v1.ComplianceService/RecordFact"));
+        // Facts decide verdicts: recording them is the registrar's right, not a writer's.
+        let record_fact = "/audit.ledger.v1.ComplianceService/RecordFact";
+        assert!(!Role::Writer.allows(record_fact));
+        assert_eq!(Role::allowing(record_fact), [Role::Registrar, Role::Admin]);
+        assert!(Role::Registrar.allows("/audit.ledger.v1.ComplianceService/CheckSender"));
+        for path in [
+            "/audit.ledger.v1.LedgerService/Append",
+            "/audit.ledger.v1.LedgerService/AppendBatch",
+            "/audit.ledger.v1.LedgerService/GetEntry",
+            "/audit.ledger.v1.ComplianceService/ListViolations",
+            "/audit.ledger.v1.AccessLogService/ListAccessLog",
+        ] {
+            assert!(!Role::Registrar.allows(path), "{path}");
+        }
+        assert_eq!(
+            Role::allowing("/audit.ledger.v1.AccessLogService/ListAccessLog"),
+            [Role::Admin]
+        );
+        assert_eq!("registrar".parse::<Role>(), Ok(Role::Registrar));
         assert!(is_open("/grpc.health.v1.Health/Check"));
         assert!(!is_open("/audit.ledger.v1.LedgerService/Append"));
     }
@@ -413,6 +469,11 @@ mod tests {
     fn bad_auth_files_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("auth.toml");
+        // A binding that would bound nothing is refused rather than trusted.
+        let bound_registrar = format!(
+            "[[principals]]\nname = \"a\"\nrole = \"registrar\"\ntoken_sha256 = \"{}\"\nsenders = [\"x\"]\n",
+            "0".repeat(64)
+        );
         for (text, reason) in [
             (
                 "[[principals]]\nname = \"a\"\nrole = \"writer\"\n",
@@ -426,6 +487,7 @@ mod tests {
                 "[[principals]]\nname = \"a\"\nrole = \"writer\"\ntoken_sha256 = \"zz\"\n",
                 "64 hex",
             ),
+            (bound_registrar.as_str(), "senders binds writers only"),
         ] {
             fs::write(&path, text).unwrap();
             let error = Authenticator::load(&path).err().unwrap().to_string();

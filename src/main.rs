@@ -76,7 +76,8 @@ enum Command {
     /// Append the communications of a JSON-lines file, in batches (idempotent: re-running
     /// the same file appends nothing twice).
     Append(AppendArgs),
-    /// Record the facts of a JSON-lines file, in order.
+    /// Record the facts of a JSON-lines file, in order (with authentication, a registrar's
+    /// or an admin's token: writers record no facts).
     Fact(FactArgs),
     /// Write the matching entries (all, without filters) to a file, with a manifest of
     /// inclusion proofs beside it that `verify --export` checks offline.
@@ -276,7 +277,8 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Instead of measuring, fill the ledger with N communications (N facts with
-    /// --scenario check) through batches, and exit.
+    /// --scenario check, which needs a registrar's or an admin's token) through batches,
+    /// and exit.
     #[arg(long)]
     populate: Option<u64>,
     /// Bearer token.
@@ -297,7 +299,8 @@ enum TokenCommand {
     Add {
         /// Principal name (recorded as submitted_by on what it submits).
         name: String,
-        /// writer, auditor or admin.
+        /// writer (appends, CheckSender), registrar (records facts, CheckSender), auditor
+        /// (reads and queries) or admin (everything).
         #[arg(long)]
         role: audit_ledger::auth::Role,
         /// The auth file (TOML), created 0600 if missing.

@@ -16,6 +16,7 @@ use crate::grpc::middleware::GateLayer;
 use crate::access_log::AccessLog;
 use crate::compliance::Compliance;
 use crate::compliance::index::ComplianceIndexer;
+use crate::compliance::page_token::PageTokens;
 use crate::config::{DEFAULT_ORIGIN, ServerConfig, TlsFiles};
 use crate::grpc::{AccessLogApi, ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
@@ -52,6 +53,8 @@ pub struct Server {
     ledger: Ledger,
     compliance: Compliance,
     access: AccessLog,
+    /// Keys the access log listing's page tokens.
+    page_tokens: PageTokens,
     authenticator: Option<Arc<Authenticator>>,
     /// The TLS identity and client CA, read and checked at open.
     tls: Option<ServerTlsConfig>,
@@ -177,6 +180,7 @@ impl Server {
             ledger,
             compliance,
             access,
+            page_tokens: PageTokens::new(&token_secret),
             authenticator,
             tls,
             config,
@@ -272,6 +276,7 @@ impl Server {
             .add_service(compliance_service)
             .add_service(AccessLogServiceServer::new(AccessLogApi::new(
                 self.access.clone(),
+                self.page_tokens.clone(),
             )))
             .serve_with_incoming_shutdown(incoming, {
                 let stop = stop.clone();

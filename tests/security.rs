@@ -9,8 +9,9 @@ use audit_ledger::config::{ServerConfig, TlsFiles};
 use audit_ledger::proto::compliance_service_client::ComplianceServiceClient;
 use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
 use audit_ledger::proto::{
-    AppendBatchRequest, AppendRequest, GetCheckpointRequest, GetEntryRequest,
-    ListViolationsRequest, leaf_record,
+    AppendBatchRequest, AppendRequest, CheckSenderRequest, CheckSenderResponse, Fact,
+    GetCheckpointRequest, GetEntryRequest, ListViolationsRequest, Party, PartyKind,
+    RecordFactRequest, ResellerRelationship, Topic, fact, leaf_record,
 };
 use audit_ledger::server::Server;
 use common::{TestServer, communication};
@@ -68,6 +69,7 @@ fn token_add(auth_file: &Path, name: &str, role: &str, senders: Option<&str>) ->
 struct Tokens {
     writer: String,
     bound: String,
+    registrar: String,
     auditor: String,
     admin: String,
 }
@@ -82,6 +84,7 @@ fn principals(dir: &Path) -> (std::path::PathBuf, Tokens) {
             "writer",
             Some("contoso-mail,contoso-billing"),
         ),
+        registrar: token_add(&auth_file, "partner-center", "registrar", None),
         auditor: token_add(&auth_file, "compliance-tool", "auditor", None),
         admin: token_add(&auth_file, "ops", "admin", None),
     };
@@ -242,6 +245,190 @@ async fn tokens_and_roles_decide_who_may_call_what() {
         serving.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    server.stop().await;
+}
+
+type Compliance =
+    ComplianceServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+async fn compliance_as(address: &str, token: &str) -> Compliance {
+    ComplianceServiceClient::with_interceptor(
+        channel(address).await,
+        Bearer(Some(token.to_owned())),
+    )
+}
+
+fn fact(fact_id: &str, kind: fact::Kind) -> RecordFactRequest {
+    RecordFactRequest {
+        fact: Some(Fact {
+            fact_id: fact_id.into(),
+            effective_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            kind: Some(kind),
+        }),
+    }
+}
+
+fn party(party_id: &str, kind: PartyKind) -> fact::Kind {
+    fact::Kind::Party(Party {
+        party_id: party_id.into(),
+        kind: kind as i32,
+        display_name: String::new(),
+    })
+}
+
+fn reseller(customer_id: &str, partner_id: &str, active: bool) -> fact::Kind {
+    fact::Kind::ResellerRelationship(ResellerRelationship {
+        customer_id: customer_id.into(),
+        partner_id: partner_id.into(),
+        active,
+    })
+}
+
+/// Issue 16: facts decide every verdict, so a writer — even one bound to its own senders —
+/// must not be able to end another partner's relationship or re-register it. Recording
+/// facts is the registrar's right (and the admin's), and nothing else is.
+#[tokio::test]
+async fn facts_are_recorded_by_registrars_and_admins_never_by_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth_file, tokens) = principals(dir.path());
+    let mut config = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file.clone());
+    let server = TestServer::start_with(config).await;
+    let address = server.address.clone();
+
+    // Partner c resells to customer c, as recorded by the registrar.
+    let mut registrar = compliance_as(&address, &tokens.registrar).await;
+    registrar
+        .record_fact(fact(
+            "party-c",
+            party("fabrikam", PartyKind::DirectBillPartner),
+        ))
+        .await
+        .unwrap();
+    registrar
+        .record_fact(fact("rel-c", reseller("customer-c", "fabrikam", true)))
+        .await
+        .unwrap();
+    let question = CheckSenderRequest {
+        sender_id: "fabrikam".into(),
+        customer_id: "customer-c".into(),
+        topic: Topic::Commercial as i32,
+        ..Default::default()
+    };
+    let verdict = |response: CheckSenderResponse| {
+        let assessment = response.assessment.unwrap();
+        (assessment.verdict, assessment.rule, assessment.tree_size)
+    };
+    let before = verdict(
+        registrar
+            .check_sender(question.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+
+    // The attack: a writer bound to other senders ends c's relationship and re-registers c;
+    // an unbound writer tries the same. Both are refused, saying which role is needed.
+    for (token, name) in [
+        (&tokens.bound, "contoso-gateway"),
+        (&tokens.writer, "mail-gateway"),
+    ] {
+        let mut writer = compliance_as(&address, token).await;
+        for request in [
+            fact("end-c", reseller("customer-c", "fabrikam", false)),
+            fact(
+                "party-c-again",
+                party("fabrikam", PartyKind::IndirectReseller),
+            ),
+            fact(
+                "party-own",
+                party("contoso-mail", PartyKind::DirectBillPartner),
+            ),
+        ] {
+            let status = writer.record_fact(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{name}: {status:?}");
+            assert!(
+                status.message().contains(name)
+                    && status.message().contains("RecordFact")
+                    && status.message().contains("registrar"),
+                "{}",
+                status.message()
+            );
+        }
+        // A writer still asks before it sends.
+        writer.check_sender(question.clone()).await.unwrap();
+    }
+    let after = verdict(
+        registrar
+            .check_sender(question.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(after, before, "the refused facts changed nothing");
+
+    // A registrar records facts and asks CheckSender, and does nothing else.
+    let status = ledger_as(&address, Some(&tokens.registrar))
+        .await
+        .append(AppendRequest {
+            communication: Some(communication("fabrikam", 1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("writer or admin"),
+        "{}",
+        status.message()
+    );
+    let status = ledger_as(&address, Some(&tokens.registrar))
+        .await
+        .get_entry(GetEntryRequest { index: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = registrar
+        .list_violations(ListViolationsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // An admin keeps every right; what it records is attributed to it.
+    let mut admin = compliance_as(&address, &tokens.admin).await;
+    let recorded = admin
+        .record_fact(fact("party-d", party("northwind", PartyKind::Vendor)))
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = ledger_as(&address, Some(&tokens.admin))
+        .await
+        .get_entry(GetEntryRequest {
+            index: recorded.index,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    assert_eq!(entry.record.unwrap().submitted_by, "ops");
+    assert_eq!(recorded.index, 2, "nothing the writers sent was recorded");
+
+    // A sender binding on a registrar would bind nothing: refused.
+    let output = std::process::Command::new(common::binary())
+        .args(["token", "add", "bound-registrar", "--role", "registrar"])
+        .args(["--senders", "contoso-mail", "--auth-file"])
+        .arg(&auth_file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("writers only"),
+        "{output:?}"
+    );
+    drop((registrar, admin));
     server.stop().await;
 }
 
@@ -481,8 +668,8 @@ async fn tls_with_tokens_and_client_certificates() {
 
 #[tokio::test]
 async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
+    use audit_ledger::proto::ListAccessLogRequest;
     use audit_ledger::proto::access_log_service_client::AccessLogServiceClient;
-    use audit_ledger::proto::{CheckSenderRequest, ListAccessLogRequest, Topic};
     let dir = tempfile::tempdir().unwrap();
     let (auth_file, tokens) = principals(dir.path());
     let data = dir.path().join("data");
@@ -585,6 +772,7 @@ async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
         .list_access_log(ListAccessLogRequest {
             start_index: 2,
             page_size: 10,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -639,4 +827,123 @@ async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
         !ok && stdout.starts_with("FAILED: access record 1"),
         "{stdout}"
     );
+}
+
+/// Issue 16: every ListAccessLog call by an admin is recorded, so a listing bounded by the
+/// trail's current size always had one more page. The first page pins the listing to the
+/// trail as it was; paging through it ends, with exactly the records that existed then.
+#[tokio::test]
+async fn an_admin_pages_through_the_access_log_to_its_end() {
+    use audit_ledger::proto::ListAccessLogRequest;
+    use audit_ledger::proto::access_log_service_client::AccessLogServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let (auth_file, tokens) = principals(dir.path());
+    let mut config = ServerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file);
+    let server = TestServer::start_with(config).await;
+    let address = server.address.clone();
+
+    ledger_as(&address, Some(&tokens.writer))
+        .await
+        .append(AppendRequest {
+            communication: Some(communication("s", 1)),
+        })
+        .await
+        .unwrap();
+    let mut auditor = ledger_as(&address, Some(&tokens.auditor)).await;
+    for _ in 0..5 {
+        auditor
+            .get_entry(GetEntryRequest { index: 0 })
+            .await
+            .unwrap();
+    }
+
+    let mut admin = AccessLogServiceClient::with_interceptor(
+        channel(&address).await,
+        Bearer(Some(tokens.admin.clone())),
+    );
+    let mut records = Vec::new();
+    // One record a page: each page read adds as many records as it returns.
+    let mut request = ListAccessLogRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(pages <= 20, "paging did not end: {} records", records.len());
+        let page = admin
+            .list_access_log(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.records.len() <= 1);
+        records.extend(page.records);
+        if page.next_page_token.is_empty() {
+            assert_eq!(page.next_index, 5, "the size the listing was pinned to");
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    assert_eq!(pages, 5);
+    // Exactly the five reads that existed at the first call: none of the listing's own.
+    let seen: Vec<(u64, &str, &str)> = records
+        .iter()
+        .map(|r| (r.index, r.principal.as_str(), r.method.as_str()))
+        .collect();
+    let expected: Vec<(u64, &str, &str)> = (0..5)
+        .map(|index| {
+            (
+                index,
+                "compliance-tool",
+                "/audit.ledger.v1.LedgerService/GetEntry",
+            )
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].record_hash);
+    }
+
+    // The listing's own pages were recorded all the same, and a new listing sees them.
+    let after = admin
+        .list_access_log(ListAccessLogRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.records.len(), 5 + 5);
+    assert!(after.next_page_token.is_empty());
+    assert!(
+        after.records[5..]
+            .iter()
+            .all(|r| r.principal == "ops" && r.method.ends_with("/ListAccessLog")),
+        "{:?}",
+        &after.records[5..]
+    );
+
+    // A token continues only its own listing.
+    let first = admin
+        .list_access_log(ListAccessLogRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = admin
+        .list_access_log(ListAccessLogRequest {
+            start_index: 3,
+            page_size: 1,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("page_token"),
+        "{}",
+        status.message()
+    );
+    drop((auditor, admin));
+    server.stop().await;
 }

@@ -147,7 +147,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
     parser.add_argument("--verifier-key", required=True, help="the log's note verifier key")
-    parser.add_argument("--token", default=os.environ.get("AUDIT_LEDGER_TOKEN"))
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("AUDIT_LEDGER_TOKEN"),
+        help="bearer token; with authentication an admin's (facts, appends and reads)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as stubs:

@@ -1,6 +1,7 @@
 //! Page tokens (AIP-158): opaque to clients, MACed so that only tokens this server issued
-//! are accepted, bound to the filters of the request that got them, and pinned to the tree
-//! size of the first page so that paging sees one consistent ledger.
+//! are accepted, bound to the filters of the request that got them, and pinned to the size
+//! of the first page (the ledger's, or the access trail's) so that paging sees one
+//! consistent list, and ends.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
@@ -17,12 +18,24 @@ const PAYLOAD_LEN: usize = 1 + FINGERPRINT_LEN + 8 + INSTANT_LEN + 8;
 /// Where the next page resumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagePosition {
-    /// The ledger size every page of this listing is judged at.
+    /// The size every page of this listing is judged at and bounded by: the ledger's tree
+    /// size, or for the access log the trail's size, when the first page was asked for.
     pub tree_size: u64,
-    /// Resume at this sent_at ...
+    /// Resume at this sent_at (zero for a listing in index order) ...
     pub instant: [u8; INSTANT_LEN],
-    /// ... and this ledger index (inclusive).
+    /// ... and this index (inclusive).
     pub index: u64,
+}
+
+impl PagePosition {
+    /// A position in a listing in index order alone, below `size`.
+    pub fn in_order(size: u64, index: u64) -> Self {
+        PagePosition {
+            tree_size: size,
+            instant: [0; INSTANT_LEN],
+            index,
+        }
+    }
 }
 
 /// Issues and checks page tokens.

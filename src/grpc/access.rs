@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use super::status::to_status;
 use crate::access_log::{Access, AccessLog};
 use crate::auth::Principal;
+use crate::compliance::page_token::PageTokens;
 use crate::proto::access_log_service_server::AccessLogService;
 use crate::proto::{ListAccessLogRequest, ListAccessLogResponse};
 
@@ -67,11 +68,14 @@ impl Recorder {
 #[derive(Clone)]
 pub struct AccessLogApi {
     log: AccessLog,
+    /// Keys the listing's page tokens (the same secret as the compliance listings'; a
+    /// token names the listing it continues, so one is never taken for another).
+    tokens: PageTokens,
 }
 
 impl AccessLogApi {
-    pub fn new(log: AccessLog) -> Self {
-        AccessLogApi { log }
+    pub fn new(log: AccessLog, tokens: PageTokens) -> Self {
+        AccessLogApi { log, tokens }
     }
 }
 
@@ -83,33 +87,32 @@ impl AccessLogService for AccessLogApi {
     ) -> Result<Response<ListAccessLogResponse>, Status> {
         let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
-        let page_size = match request.page_size {
-            size if size < 0 => {
-                return Err(Status::invalid_argument("page_size: must not be negative"));
-            }
-            0 => 100,
-            size => (size as usize).min(1000),
-        };
-        let records = self
+        // The page is read (and the listing pinned) before this call is recorded.
+        let page = self
             .log
-            .list(request.start_index, page_size)
-            .map_err(|error| to_status(error.into()))?;
-        let next_index = records
-            .last()
-            .map_or(request.start_index.max(self.log.size()), |r| r.index + 1);
+            .page(
+                &self.tokens,
+                request.start_index,
+                request.page_size,
+                &request.page_token,
+            )
+            .map_err(to_status)?;
         record(
             &self.log,
             principal.as_ref(),
             "/audit.ledger.v1.AccessLogService/ListAccessLog",
             format!(
-                "start_index={} page_size={}",
-                request.start_index, page_size
+                "start_index={} page_size={} page_token={}",
+                request.start_index,
+                request.page_size,
+                !request.page_token.is_empty()
             ),
-            records.len() as u64,
+            page.records.len() as u64,
         )?;
         Ok(Response::new(ListAccessLogResponse {
-            records,
-            next_index,
+            records: page.records,
+            next_index: page.next_index,
+            next_page_token: page.next_page_token,
         }))
     }
 }

@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use super::BoxFuture;
 
-use crate::auth::{Authenticator, Principal, Rejection, is_open};
+use crate::auth::{Authenticator, Principal, Rejection, Role, is_open};
 
 #[derive(Clone)]
 pub struct GateLayer {
@@ -51,6 +51,15 @@ pub struct Gate<S> {
 
 fn refused(reason: &'static str) {
     metrics::counter!(crate::telemetry::names::GATE_REFUSALS, "reason" => reason).increment(1);
+}
+
+/// "registrar or admin": the roles that may call `path`, for a refusal that says what to ask for.
+fn needed_roles(path: &str) -> String {
+    let names: Vec<String> = Role::allowing(path)
+        .into_iter()
+        .map(|role| role.to_string())
+        .collect();
+    names.join(" or ")
 }
 
 fn reject<E: Send + 'static>(status: Status) -> BoxFuture<http::Response<Body>, E> {
@@ -119,8 +128,10 @@ where
                 tracing::warn!(%path, principal = %principal.name, role = %principal.role, "permission denied");
                 refused("permission_denied");
                 return reject(Status::permission_denied(format!(
-                    "principal {} (role {}) may not call {path}",
-                    principal.name, principal.role
+                    "principal {} (role {}) may not call {path}; it needs the role {}",
+                    principal.name,
+                    principal.role,
+                    needed_roles(&path)
                 )));
             }
             request.extensions_mut().insert(principal);

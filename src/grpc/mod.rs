@@ -2,6 +2,7 @@
 //! ledger core and `records`, and core results and errors into responses and statuses.
 
 pub mod access;
+pub mod codec;
 mod compliance_service;
 pub mod convert;
 mod ledger_service;

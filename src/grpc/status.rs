@@ -1,6 +1,7 @@
 //! The one place that maps core errors to gRPC statuses. Clients get a message that names
 //! the field or the index; storage details stay in the server's log.
 
+use prost::Name;
 use tonic::{Code, Status};
 
 use crate::ledger::LedgerError;
@@ -22,5 +23,25 @@ pub fn to_status(error: LedgerError) -> Status {
             tracing::error!(%error, "internal failure while serving a request");
             Status::internal("internal storage error; see the server log")
         }
+    }
+}
+
+/// The status of a `U` that did not decode (see `codec`): the caller's mistake when `U` is
+/// a request (buf's STANDARD lint names every request `<Method>Request`), the server's when
+/// a client could not decode a response.
+pub fn undecodable<U: Name>(error: prost::DecodeError) -> Status {
+    // prost's message names the field path, innermost first, e.g. "failed to decode
+    // Protobuf message: Communication.message_id: AppendRequest.communication: invalid
+    // string value: data is not UTF-8 encoded".
+    if U::NAME.ends_with("Request") {
+        Status::invalid_argument(format!(
+            "the request is not a valid {}: {error}",
+            U::full_name()
+        ))
+    } else {
+        Status::internal(format!(
+            "the response is not a valid {}: {error}",
+            U::full_name()
+        ))
     }
 }
