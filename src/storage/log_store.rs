@@ -667,9 +667,12 @@ impl LogStore {
             let len = (log_len - position).min(chunk.len() as u64) as usize;
             let bytes = &mut chunk[..len];
             self.log.read_exact_at(bytes, position).map_err(io)?;
-            if let Some(last) = bytes.iter().rposition(|&byte| byte != 0) {
-                data_end = position + last as u64 + 1;
-            }
+            let Some(last) = bytes.iter().rposition(|&byte| byte != 0) else {
+                // Zeros (the usual space ahead): nothing to look at.
+                position += len as u64;
+                continue;
+            };
+            data_end = position + last as u64 + 1;
             for (offset, _) in bytes
                 .windows(MAGIC.len())
                 .enumerate()
