@@ -7,15 +7,40 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use audit_ledger::config::ServerConfig;
 use audit_ledger::proto::AppendBatchRequest;
 use audit_ledger::server::STORE_DIR_NAME;
-use audit_ledger::storage::LogStore;
 use audit_ledger::storage::log_store::{INDEX_FILE, KEYS_DIR, LOG_FILE};
+use audit_ledger::storage::{LogStore, StorageKind};
 use common::{ChildServer, TestServer, binary, communication, connect, open_retrying, run_verify};
+
+/// A server on a log store (these tests alter `ledger.log`), whatever the suite's backend.
+async fn log_server(dir: &Path) -> TestServer {
+    let mut config = ServerConfig::new(dir, "127.0.0.1:0".parse().unwrap());
+    config.storage = StorageKind::Log;
+    TestServer::start_with(config).await
+}
+
+/// The server binary on a log store, as a child process (to be killed with SIGKILL).
+fn log_child_server(dir: &Path) -> ChildServer {
+    let mut command = Command::new(binary());
+    command
+        .args([
+            "serve",
+            "--storage",
+            "log",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUST_LOG", "error");
+    ChildServer::spawn(command)
+}
 
 /// A stopped log-store ledger of `groups` groups of `per_group` communications.
 async fn ledger(dir: &Path, groups: u64, per_group: u64) {
-    let server = TestServer::start(dir).await;
+    let server = log_server(dir).await;
     let mut client = server.client().await;
     for group in 0..groups {
         client
@@ -97,7 +122,7 @@ fn verify_exit(dir: &Path) -> (i32, String) {
 async fn a_damaged_last_frame_after_kill_9_stops_the_start_until_an_operator_cuts_it() {
     let dir = tempfile::tempdir().unwrap();
     // Acknowledged groups of 10, then kill -9.
-    let server = ChildServer::start(dir.path());
+    let server = log_child_server(dir.path());
     let mut client = connect(&server.address).await;
     for group in 0..10u64 {
         client
@@ -181,7 +206,7 @@ async fn a_damaged_last_frame_after_kill_9_stops_the_start_until_an_operator_cut
 
     let (ok, stdout) = run_verify(dir.path());
     assert!(ok && stdout.contains("ok: 90 entries"), "{stdout}");
-    let server = ChildServer::start(dir.path());
+    let server = log_child_server(dir.path());
     let mut client = connect(&server.address).await;
     assert_eq!(common::checkpoint(&mut client).await.size, 90);
     drop(client);
@@ -423,7 +448,7 @@ async fn a_damaged_entry_is_never_served_and_stops_writes() {
             store.entry_ranges(6).unwrap().unwrap().body,
         )
     };
-    let server = TestServer::start(dir.path()).await;
+    let server = log_server(dir.path()).await;
     let mut client = server.client().await;
     let log = store_dir(dir.path()).join(LOG_FILE);
     let mut bytes = std::fs::read(&log).unwrap();
