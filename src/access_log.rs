@@ -3,8 +3,11 @@
 //! by SHA-256, so that a removed or edited record breaks the chain. Auditors of auditors
 //! are a standard demand on communication archives.
 //!
-//! Records are written in their own ordered key space and flushed by a background task
-//! within [`FLUSH_INTERVAL`]; a read fails rather than go unrecorded.
+//! Records are appended to a file of their own ([`AccessFile`]) and made durable by a
+//! background task within [`FLUSH_INTERVAL`]; a read fails rather than go unrecorded. Space
+//! is kept allocated ahead of the records, so reads go on being recorded while another
+//! process holds the rest of the disk; when that runs out too, recorded reads are refused
+//! until space returns, and then served again without a restart.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ledger::time::Timestamp;
 use crate::proto::AccessRecord;
-use crate::storage::{IndexStore, StorageError};
+use crate::storage::{AccessFile, StorageError};
 
 /// How often written access records are flushed to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
@@ -36,13 +39,12 @@ struct Tip {
 /// The hash-chained access log.
 #[derive(Clone)]
 pub struct AccessLog {
-    space: Arc<dyn IndexStore>,
+    file: Arc<AccessFile>,
     tip: Arc<Mutex<Tip>>,
 }
 
-fn key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
+/// Records read per step when the whole chain is checked.
+const VERIFY_CHUNK: usize = 4096;
 
 fn record_hash(record: &AccessRecord) -> [u8; 32] {
     let unhashed = AccessRecord {
@@ -61,11 +63,10 @@ pub struct BrokenChain {
 }
 
 impl AccessLog {
-    /// Opens the log in `space` and finds its tip.
-    pub fn open(space: Arc<dyn IndexStore>) -> Result<AccessLog, StorageError> {
-        let last = space.range(&key(0), &[0xff; 9], usize::MAX)?.pop();
-        let tip = match last {
-            Some((_, value)) => {
+    /// Opens the log kept in `file` and finds its tip.
+    pub fn open(file: AccessFile) -> Result<AccessLog, StorageError> {
+        let tip = match file.last()? {
+            Some(value) => {
                 let record = AccessRecord::decode(value.as_slice())
                     .map_err(|_| StorageError::Malformed("access record".into()))?;
                 Tip {
@@ -83,9 +84,14 @@ impl AccessLog {
             },
         };
         Ok(AccessLog {
-            space,
+            file: Arc::new(file),
             tip: Arc::new(Mutex::new(tip)),
         })
+    }
+
+    /// Keeps `bytes` allocated ahead of the records (see the module docs).
+    pub fn reserve(&self, bytes: u64) {
+        self.file.reserve(bytes);
     }
 
     /// Appends one record.
@@ -108,8 +114,7 @@ impl AccessLog {
         };
         let hash = record_hash(&record);
         record.record_hash = hash.to_vec();
-        self.space
-            .apply(vec![(key(tip.size).to_vec(), Some(record.encode_to_vec()))])?;
+        self.file.append(&record.encode_to_vec())?;
         tip.size += 1;
         tip.hash = hash;
         Ok(())
@@ -121,10 +126,10 @@ impl AccessLog {
 
     /// Records from `start`, at most `limit`.
     pub fn list(&self, start: u64, limit: usize) -> Result<Vec<AccessRecord>, StorageError> {
-        self.space
-            .range(&key(start), &[0xff; 9], limit)?
+        self.file
+            .read(start, limit)?
             .into_iter()
-            .map(|(_, value)| {
+            .map(|value| {
                 AccessRecord::decode(value.as_slice())
                     .map_err(|_| StorageError::Malformed("access record".into()))
             })
@@ -135,40 +140,42 @@ impl AccessLog {
     pub fn verify(&self) -> Result<u64, BrokenChain> {
         let mut prev = [0u8; 32];
         let mut expected = 0u64;
-        let records = self
-            .space
-            .range(&key(0), &[0xff; 9], usize::MAX)
-            .map_err(|error| BrokenChain {
-                index: 0,
-                problem: error.to_string(),
-            })?;
-        for (stored_key, value) in records {
-            let record = AccessRecord::decode(value.as_slice()).map_err(|_| BrokenChain {
-                index: expected,
-                problem: "not an AccessRecord".into(),
-            })?;
-            let broken = |problem: &str| BrokenChain {
-                index: expected,
-                problem: problem.to_owned(),
-            };
-            if stored_key != key(expected) || record.index != expected {
-                return Err(broken("missing (the chain has a gap)"));
+        loop {
+            let values = self
+                .file
+                .read(expected, VERIFY_CHUNK)
+                .map_err(|error| BrokenChain {
+                    index: expected,
+                    problem: error.to_string(),
+                })?;
+            if values.is_empty() {
+                return Ok(expected);
             }
-            if record.prev_hash != prev {
-                return Err(broken("does not link to the previous record"));
+            for value in values {
+                let broken = |problem: &str| BrokenChain {
+                    index: expected,
+                    problem: problem.to_owned(),
+                };
+                let record = AccessRecord::decode(value.as_slice())
+                    .map_err(|_| broken("not an AccessRecord"))?;
+                if record.index != expected {
+                    return Err(broken("missing (the chain has a gap)"));
+                }
+                if record.prev_hash != prev {
+                    return Err(broken("does not link to the previous record"));
+                }
+                if record.record_hash != record_hash(&record) {
+                    return Err(broken("its content does not match its hash"));
+                }
+                prev = record_hash(&record);
+                expected += 1;
             }
-            if record.record_hash != record_hash(&record) {
-                return Err(broken("its content does not match its hash"));
-            }
-            prev = record_hash(&record);
-            expected += 1;
         }
-        Ok(expected)
     }
 
     /// Flushes written records to disk.
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.space.flush()
+        self.file.sync()
     }
 
     /// Flushes every [`FLUSH_INTERVAL`] until the returned task is aborted.

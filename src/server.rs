@@ -143,7 +143,8 @@ impl Server {
         )?;
         let index: Arc<dyn IndexStore> = opened.index;
         let facts: Arc<dyn IndexStore> = opened.facts;
-        let access = AccessLog::open(Arc::new(opened.access))?;
+        let access = AccessLog::open(opened.access)?;
+        access.reserve(config.access_log_reserve_bytes);
         let token_secret = signer.secret_bytes();
         let (indexer, progress) =
             ComplianceIndexer::new(index.clone(), facts.clone(), opened.store.clone())?;
