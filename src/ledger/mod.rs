@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::storage::{StorageError, Store};
 pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
@@ -80,6 +80,16 @@ impl Default for LedgerOptions {
     }
 }
 
+/// Whether the ledger accepts writes, as its writer last found: after every group, and
+/// at every [`Ledger::probe_writes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteState {
+    Accepting,
+    /// Writes are refused, and why (the disk full, a group that cannot be written, a
+    /// store that does not match its checkpoint, …).
+    Refused(String),
+}
+
 /// Derived data kept in step with the ledger (query indexes). The writer calls it after each
 /// durable commit and before publishing the new entries; `Ledger::open` first brings it up
 /// to the stored size, so it never misses an entry, even after a crash.
@@ -107,6 +117,8 @@ pub struct Ledger {
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Set when the store did not match its signed checkpoint at start: reads only.
     refusal: Option<Arc<str>>,
+    /// Whether writes are accepted (the writer tells every change).
+    writes: watch::Receiver<WriteState>,
 }
 
 impl Ledger {
@@ -132,6 +144,7 @@ impl Ledger {
             checkpoint: ArcSwap::from_pointee(state.checkpoint.clone()),
         });
         let (requests, queue) = mpsc::channel(options.queue_depth.max(1));
+        let (tell_writes, writes) = watch::channel(WriteState::Accepting);
         let handle = writer::spawn(
             store.clone(),
             signer,
@@ -140,6 +153,7 @@ impl Ledger {
             queue,
             options,
             indexer,
+            tell_writes,
         )?;
         Ok(Ledger {
             store,
@@ -147,6 +161,7 @@ impl Ledger {
             requests,
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
             refusal: None,
+            writes,
         })
     }
 
@@ -176,6 +191,8 @@ impl Ledger {
         );
         // No writer: the queue's receiver is dropped, and `append` refuses before using it.
         let (requests, _) = mpsc::channel(1);
+        let refused = LedgerError::WritesRefused(reason.clone()).to_string();
+        let (_, writes) = watch::channel(WriteState::Refused(refused));
         Ok(Ledger {
             store,
             published: Arc::new(Published {
@@ -184,12 +201,21 @@ impl Ledger {
             requests,
             writer: Arc::new(std::sync::Mutex::new(None)),
             refusal: Some(Arc::from(reason.as_str())),
+            writes,
         })
     }
 
-    /// Why writes are refused, when they are.
-    pub fn write_refusal(&self) -> Option<&str> {
-        self.refusal.as_deref()
+    /// Whether writes are accepted, as the writer last found; changes are seen with
+    /// `changed()` on the receiver.
+    pub fn writes(&self) -> watch::Receiver<WriteState> {
+        self.writes.clone()
+    }
+
+    /// Asks the writer to find out again whether writes can be accepted — retrying a held
+    /// group, looking at the free space — and to tell it through [`Ledger::writes`]. Does not
+    /// wait: a writer busy with appends finds out with them.
+    pub fn probe_writes(&self) {
+        let _ = self.requests.try_send(writer::Command::Probe);
     }
 
     /// Appends records, all or nothing, and returns once they are durable. New records get
