@@ -8,6 +8,12 @@
 //! is kept allocated ahead of the records, so reads go on being recorded while another
 //! process holds the rest of the disk; when that runs out too, recorded reads are refused
 //! until space returns, and then served again without a restart.
+//!
+//! A chain shows a record removed or edited, but not the end of the trail cut off, nor
+//! the whole trail removed: what is left still chains. So every checkpoint the ledger
+//! signs anchors the trail's durable head ([`TrailAnchor`]: records, hash of the last),
+//! and [`AccessLog::check_anchor`] finds a trail that no longer holds what was anchored —
+//! at every start, and in `audit-ledger verify`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +21,9 @@ use std::time::Duration;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use crate::ledger::merkle::Hash;
 use crate::ledger::time::Timestamp;
+use crate::ledger::{TrailAnchor, TrailHead};
 use crate::proto::AccessRecord;
 use crate::storage::{AccessFile, StorageError};
 
@@ -41,6 +49,8 @@ struct Tip {
 pub struct AccessLog {
     file: Arc<AccessFile>,
     tip: Arc<Mutex<Tip>>,
+    /// The head of what is on disk (as of the last flush): what checkpoints may anchor.
+    durable: Arc<Mutex<TrailAnchor>>,
 }
 
 /// Records read per step when the whole chain is checked.
@@ -52,6 +62,25 @@ fn record_hash(record: &AccessRecord) -> [u8; 32] {
         ..record.clone()
     };
     Sha256::digest(unhashed.encode_to_vec()).into()
+}
+
+/// A trail that does not hold what a checkpoint anchors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrailMismatch {
+    #[error(
+        "the access log holds {records} records but the checkpoint at size {size} anchors {anchored}: records were removed from the access trail"
+    )]
+    Short {
+        records: u64,
+        anchored: u64,
+        size: u64,
+    },
+    #[error(
+        "access record {index} is not the one the checkpoint at size {size} anchors: the access trail was altered or replaced"
+    )]
+    Differs { index: u64, size: u64 },
+    #[error("the access log cannot be read: {0}")]
+    Unreadable(#[from] StorageError),
 }
 
 /// The first broken link of a chain.
@@ -83,10 +112,47 @@ impl AccessLog {
                 hash: [0u8; 32],
             },
         };
+        // What was written before this open is made durable now, so that it may be anchored.
+        file.sync()?;
+        let durable = TrailAnchor {
+            records: tip.size,
+            head: Hash(tip.hash),
+        };
         Ok(AccessLog {
             file: Arc::new(file),
             tip: Arc::new(Mutex::new(tip)),
+            durable: Arc::new(Mutex::new(durable)),
         })
+    }
+
+    /// Whether the trail holds what `anchor`, from the checkpoint for tree size `size`,
+    /// commits to: at least as many records, the last of them the one anchored. O(1): the
+    /// records before it are vouched for by the chain, which `verify` checks.
+    pub fn check_anchor(&self, anchor: &TrailAnchor, size: u64) -> Result<(), TrailMismatch> {
+        let records = self.file.count();
+        if records < anchor.records {
+            return Err(TrailMismatch::Short {
+                records,
+                anchored: anchor.records,
+                size,
+            });
+        }
+        let Some(index) = anchor.records.checked_sub(1) else {
+            return Ok(());
+        };
+        let value = self.file.read(index, 1)?.pop().ok_or_else(|| {
+            TrailMismatch::Unreadable(StorageError::Malformed(format!("access record {index}")))
+        })?;
+        let anchored = AccessRecord::decode(value.as_slice()).is_ok_and(|record| {
+            record.index == index
+                && record.record_hash == anchor.head.0
+                && record_hash(&record) == anchor.head.0
+        });
+        if anchored {
+            Ok(())
+        } else {
+            Err(TrailMismatch::Differs { index, size })
+        }
     }
 
     /// Keeps `bytes` allocated ahead of the records (see the module docs).
@@ -173,9 +239,18 @@ impl AccessLog {
         }
     }
 
-    /// Flushes written records to disk.
+    /// Flushes written records to disk; what they end with may then be anchored.
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.file.sync()
+        let head = {
+            let tip = self.tip.lock().expect("access log lock");
+            TrailAnchor {
+                records: tip.size,
+                head: Hash(tip.hash),
+            }
+        };
+        self.file.sync()?;
+        *self.durable.lock().expect("durable head lock") = head;
+        Ok(())
     }
 
     /// Flushes every [`FLUSH_INTERVAL`] until the returned task is aborted.
@@ -197,5 +272,79 @@ impl AccessLog {
                 }
             }
         })
+    }
+}
+
+impl TrailHead for AccessLog {
+    fn durable_head(&self) -> TrailAnchor {
+        *self.durable.lock().expect("durable head lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::access_file::ACCESS_FILE;
+
+    fn log_of(dir: &std::path::Path, principal: &str, reads: u64) -> AccessLog {
+        let log = AccessLog::open(AccessFile::open(&dir.join(ACCESS_FILE)).unwrap()).unwrap();
+        for n in 0..reads {
+            log.record(Access {
+                principal,
+                role: "auditor",
+                method: "/audit.ledger.v1.LedgerService/GetEntry",
+                request: format!("index={n}"),
+                result_count: 1,
+            })
+            .unwrap();
+        }
+        log
+    }
+
+    #[test]
+    fn a_trail_meets_an_anchor_only_while_it_holds_the_anchored_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of(dir.path(), "compliance-tool", 3);
+        assert_eq!(log.durable_head().records, 0, "nothing flushed yet");
+        log.flush().unwrap();
+        let anchor = log.durable_head();
+        assert_eq!(anchor.records, 3);
+        log_of(dir.path(), "compliance-tool", 0)
+            .check_anchor(&anchor, 7)
+            .unwrap();
+        // More records than anchored: the anchor still holds.
+        log_of(dir.path(), "compliance-tool", 2)
+            .check_anchor(&anchor, 7)
+            .unwrap();
+        // Another trail as long (another principal's reads) does not.
+        let other = tempfile::tempdir().unwrap();
+        let error = log_of(other.path(), "someone-else", 3)
+            .check_anchor(&anchor, 7)
+            .unwrap_err();
+        assert!(
+            matches!(error, TrailMismatch::Differs { index: 2, size: 7 }),
+            "{error}"
+        );
+        // A shorter one does not either; the empty anchor holds for any trail.
+        let error = log_of(other.path(), "x", 0)
+            .check_anchor(
+                &TrailAnchor {
+                    records: 9,
+                    ..anchor
+                },
+                7,
+            )
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the access log holds 3 records but the checkpoint at size 7 anchors 9: records were removed from the access trail"
+        );
+        let empty = TrailAnchor {
+            records: 0,
+            head: Hash([0; 32]),
+        };
+        log_of(other.path(), "x", 0)
+            .check_anchor(&empty, 7)
+            .unwrap();
     }
 }

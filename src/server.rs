@@ -49,6 +49,11 @@ pub enum ServerError {
     Ledger(#[from] LedgerError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The access trail does not hold what the latest signed checkpoint anchors.
+    #[error(
+        "refusing to start: {0}. Every read by an auditor or admin must stay on record; put back store/access.log as it was (a copy at least as new as that checkpoint) and run `audit-ledger verify`"
+    )]
+    AccessTrail(#[from] crate::access_log::TrailMismatch),
 }
 
 /// An opened ledger, ready to serve.
@@ -162,7 +167,14 @@ impl Server {
                 ..LedgerOptions::default()
             },
             Some(Box::new(indexer)),
+            Some(Arc::new(access.clone())),
         )?;
+        // The trail must hold what the ledger anchored: a trail removed or cut (what is left
+        // still chains) is found here, before anything is served or recorded after it.
+        let checkpoint = ledger.checkpoint();
+        if let Some(anchor) = &checkpoint.access_anchor {
+            access.check_anchor(anchor, checkpoint.size)?;
+        }
         let compliance = Compliance::new(
             ledger.clone(),
             index,
@@ -370,6 +382,7 @@ pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64,
         signer,
         LedgerOptions::default(),
         Some(Box::new(indexer)),
+        None,
     )?;
     let size = ledger.tree_size();
     // Fact lists are complete once the ledger is open; communication lists follow.

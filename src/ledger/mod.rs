@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::storage::{StorageError, Store};
-pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
+pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint, TrailAnchor};
 pub use error::LedgerError;
 use merkle::{Hash, NodeError, NodeSource};
 
@@ -100,6 +100,14 @@ pub trait Indexer: Send + 'static {
     fn index(&mut self, entries: &[(u64, &[u8])]) -> Result<(), StorageError>;
 }
 
+/// Where the writer finds the access trail's head, for each checkpoint to anchor
+/// ([`TrailAnchor`]). Only what is durable may be anchored: a checkpoint outlives a crash,
+/// and must not anchor records that did not.
+pub trait TrailHead: Send + Sync + 'static {
+    /// The head of what of the trail is on disk now.
+    fn durable_head(&self) -> TrailAnchor;
+}
+
 /// Entries read per step when an indexer catches up at start-up.
 const CATCH_UP_CHUNK: u64 = 1024;
 
@@ -124,11 +132,13 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger on `store`: checks the stored tail against the last signed checkpoint
     /// (O(log n) reads, no replay), signs the empty tree on first start, and starts the writer.
+    /// With `trail`, every checkpoint the writer signs anchors the access trail's head.
     pub fn open(
         store: Arc<dyn Store>,
         signer: CheckpointSigner,
         options: LedgerOptions,
         mut indexer: Option<Box<dyn Indexer>>,
+        trail: Option<Arc<dyn TrailHead>>,
     ) -> Result<Ledger, LedgerError> {
         let state = match writer::recover(store.as_ref(), &signer) {
             Ok(state) => state,
@@ -153,6 +163,7 @@ impl Ledger {
             queue,
             options,
             indexer,
+            trail,
             tell_writes,
         )?;
         Ok(Ledger {

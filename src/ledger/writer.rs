@@ -18,7 +18,9 @@ use super::error::LedgerError;
 use super::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header, encode_leaf};
 use super::merkle::{self, Frontier, Hash};
 use super::time::Timestamp;
-use super::{Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes, WriteState};
+use super::{
+    Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes, TrailHead, WriteState,
+};
 use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, StorageError, Store};
 
 pub(super) enum Command {
@@ -142,6 +144,7 @@ pub(super) fn spawn(
     queue: mpsc::Receiver<Command>,
     options: LedgerOptions,
     indexer: Option<Box<dyn Indexer>>,
+    trail: Option<Arc<dyn TrailHead>>,
     writes: watch::Sender<WriteState>,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
     let writer = Writer {
@@ -151,6 +154,7 @@ pub(super) fn spawn(
         published,
         options,
         indexer,
+        trail,
         limbo: None,
         failed: None,
         writes,
@@ -168,6 +172,8 @@ struct Writer {
     published: Arc<Published>,
     options: LedgerOptions,
     indexer: Option<Box<dyn Indexer>>,
+    /// The access trail each checkpoint anchors.
+    trail: Option<Arc<dyn TrailHead>>,
     /// A group whose commit failed, with the state it leads to: written before anything else.
     limbo: Option<(CommitBatch, WriterState)>,
     /// Set when sequencing or indexing failed for a reason other than space: no further
@@ -521,7 +527,8 @@ impl Writer {
             return Ok((outcomes, None));
         }
         debug_assert_eq!(frontier.size(), size);
-        let checkpoint = self.signer.sign(size, frontier.root())?;
+        let anchor = self.trail.as_ref().map(|trail| trail.durable_head());
+        let checkpoint = self.signer.sign_anchoring(size, frontier.root(), anchor)?;
         batch.checkpoint = Some((size, checkpoint.note.clone().into_bytes()));
         let next_state = WriterState {
             checkpoint,
