@@ -24,7 +24,7 @@ use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
 use audit_ledger::server::{self, STORE_DIR_NAME, Server};
 use audit_ledger::telemetry::{self, LogFormat};
-use audit_ledger::verify::verify_store;
+use audit_ledger::verify::{verify_access_trail, verify_store};
 
 #[derive(Parser)]
 #[command(
@@ -858,14 +858,18 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let access = AccessLog::open(opened.access)?;
     match result {
-        Ok(report) => match access.verify() {
-            Ok(records) => {
+        Ok(report) => match verify_access_trail(store.as_ref(), &verifier, &access) {
+            Ok(trail) => {
+                let anchored = match trail.anchored {
+                    Some((size, records)) => format!(" ({records} anchored at size {size})"),
+                    None => String::new(),
+                };
                 println!(
-                    "ok: {} entries, root {}, {} signed checkpoints consistent, {} access records chained, origin {} ({:.1}s)",
+                    "ok: {} entries, root {}, {} signed checkpoints consistent, {} access records chained{anchored}, origin {} ({:.1}s)",
                     report.tree_size,
                     hex_string(&report.root_hash.0),
                     report.checkpoints,
-                    records,
+                    trail.records,
                     report.origin,
                     started.elapsed().as_secs_f64()
                 );
