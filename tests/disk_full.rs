@@ -295,32 +295,68 @@ async fn another_process_filling_the_disk_of_a_sled_ledger_keeps_reads_served_an
     another_process_fills_the_disk(StorageKind::Sled).await;
 }
 
-async fn another_process_fills_the_disk(storage: StorageKind) {
+/// A ledger's data dir on a 48 MiB tmpfs of its own, with an auth file (a writer and an
+/// auditor) beside it. Fields drop in order: the tmpfs is unmounted before its mount point
+/// is removed.
+struct OnTmpfs {
+    _mounted: Mounted,
+    mount_point: tempfile::TempDir,
+    _outside: tempfile::TempDir,
+    data: PathBuf,
+    config: ServerConfig,
+    writer_token: String,
+    auditor_token: String,
+}
+
+/// [`OnTmpfs`], or `None` (said, and the test skipped) where no tmpfs can be mounted.
+fn on_tmpfs(test: &str) -> Option<OnTmpfs> {
     let mount_point = tempfile::tempdir().unwrap();
-    let _mounted = match mount_tmpfs(mount_point.path(), "48m") {
+    let mounted = match mount_tmpfs(mount_point.path(), "48m") {
         Ok(mounted) => mounted,
         Err(reason) => {
             eprintln!(
-                "SKIPPED another_process_filling_the_disk…: cannot mount a tmpfs here ({reason}); run as root to include it"
+                "SKIPPED {test}: cannot mount a tmpfs here ({reason}); run as root to include it"
             );
-            return;
+            return None;
         }
     };
     let outside = tempfile::tempdir().unwrap();
     let auth_file = outside.path().join("auth.toml");
     let writer_token = token_add(&auth_file, "mail-gateway", "writer", None);
     let auditor_token = token_add(&auth_file, "compliance-tool", "auditor", None);
-
     let data = mount_point.path().join("data");
     let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
     config.cache_bytes = 4 * 1024 * 1024;
     config.min_free_bytes = 4 * 1024 * 1024;
     config.auth_file = Some(auth_file);
-    config.storage = storage;
-    let server = TestServer::start_with(config).await;
-    let address = server.address.clone();
-    let mut writer = client_as(&address, &writer_token).await;
-    let mut auditor = client_as(&address, &auditor_token).await;
+    Some(OnTmpfs {
+        _mounted: mounted,
+        mount_point,
+        _outside: outside,
+        data,
+        config,
+        writer_token,
+        auditor_token,
+    })
+}
+
+impl OnTmpfs {
+    /// Starts the server, and connects its writer and its auditor.
+    async fn start(&self) -> (TestServer, AuthedClient, AuthedClient) {
+        let server = TestServer::start_with(self.config.clone()).await;
+        let writer = client_as(&server.address, &self.writer_token).await;
+        let auditor = client_as(&server.address, &self.auditor_token).await;
+        (server, writer, auditor)
+    }
+}
+
+async fn another_process_fills_the_disk(storage: StorageKind) {
+    let Some(mut setup) = on_tmpfs("another_process_filling_the_disk…") else {
+        return;
+    };
+    setup.config.storage = storage;
+    let (server, mut writer, mut auditor) = setup.start().await;
+    let (data, mount_point, address) = (&setup.data, setup.mount_point.path(), &server.address);
 
     let size = writer
         .append_batch(AppendBatchRequest {
@@ -333,9 +369,9 @@ async fn another_process_fills_the_disk(storage: StorageKind) {
         .len() as u64;
     audit_reads(&mut auditor, size).await.unwrap();
     let mut reads = 4;
-    writes_health_becomes(&address, ServingStatus::Serving).await;
+    writes_health_becomes(address, ServingStatus::Serving).await;
 
-    let filler = fill_disk(mount_point.path());
+    let filler = fill_disk(mount_point);
     let refused = writer
         .append(AppendRequest {
             communication: Some(communication("s", 1000)),
@@ -343,7 +379,7 @@ async fn another_process_fills_the_disk(storage: StorageKind) {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    writes_health_becomes(&address, ServingStatus::NotServing).await;
+    writes_health_becomes(address, ServingStatus::NotServing).await;
     // Reads go on while the disk stays full: long enough for every background flush
     // (the access log's, sled's timer) to have met the full disk.
     let until = Instant::now() + Duration::from_secs(3);
@@ -361,7 +397,7 @@ async fn another_process_fills_the_disk(storage: StorageKind) {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    writes_health_becomes(&address, ServingStatus::NotServing).await;
+    writes_health_becomes(address, ServingStatus::NotServing).await;
 
     // Space comes back: writes resume by themselves, and health says so.
     std::fs::remove_file(&filler).unwrap();
@@ -373,13 +409,13 @@ async fn another_process_fills_the_disk(storage: StorageKind) {
         .expect("appends are accepted once space is freed, without a restart")
         .into_inner();
     assert_eq!(appended.index, size);
-    writes_health_becomes(&address, ServingStatus::Serving).await;
+    writes_health_becomes(address, ServingStatus::Serving).await;
     audit_reads(&mut auditor, size + 1).await.unwrap();
     reads += 4;
     drop((writer, auditor));
     server.stop().await;
 
-    let (ok, stdout) = common::run_verify(&data);
+    let (ok, stdout) = common::run_verify(data);
     assert!(ok, "{stdout}");
     assert!(
         stdout.contains(&format!(" {reads} access records chained")),
@@ -392,30 +428,12 @@ async fn another_process_fills_the_disk(storage: StorageKind) {
 /// returns, the same reads are served and recorded again, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_that_cannot_be_recorded_are_refused_until_space_returns() {
-    let mount_point = tempfile::tempdir().unwrap();
-    let _mounted = match mount_tmpfs(mount_point.path(), "48m") {
-        Ok(mounted) => mounted,
-        Err(reason) => {
-            eprintln!(
-                "SKIPPED reads_that_cannot_be_recorded…: cannot mount a tmpfs here ({reason}); run as root to include it"
-            );
-            return;
-        }
+    let Some(mut setup) = on_tmpfs("reads_that_cannot_be_recorded…") else {
+        return;
     };
-    let outside = tempfile::tempdir().unwrap();
-    let auth_file = outside.path().join("auth.toml");
-    let writer_token = token_add(&auth_file, "mail-gateway", "writer", None);
-    let auditor_token = token_add(&auth_file, "compliance-tool", "auditor", None);
-    let data = mount_point.path().join("data");
-    let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
-    config.cache_bytes = 4 * 1024 * 1024;
-    config.min_free_bytes = 4 * 1024 * 1024;
-    config.access_log_reserve_bytes = 4096;
-    config.auth_file = Some(auth_file);
-    let server = TestServer::start_with(config).await;
-    let address = server.address.clone();
-    let mut writer = client_as(&address, &writer_token).await;
-    let mut auditor = client_as(&address, &auditor_token).await;
+    setup.config.access_log_reserve_bytes = 4096;
+    let (server, mut writer, mut auditor) = setup.start().await;
+    let (data, mount_point) = (&setup.data, setup.mount_point.path());
     writer
         .append_batch(AppendBatchRequest {
             communications: (0..5).map(|n| communication("s", n)).collect(),
@@ -423,7 +441,7 @@ async fn reads_that_cannot_be_recorded_are_refused_until_space_returns() {
         .await
         .unwrap();
 
-    let filler = fill_disk(mount_point.path());
+    let filler = fill_disk(mount_point);
     let mut served = 0u64;
     let refused = loop {
         match audit_reads(&mut auditor, 5).await {
@@ -445,7 +463,7 @@ async fn reads_that_cannot_be_recorded_are_refused_until_space_returns() {
         .expect("reads are recorded and served again once space is freed");
     drop((writer, auditor));
     server.stop().await;
-    let (ok, stdout) = common::run_verify(&data);
+    let (ok, stdout) = common::run_verify(data);
     assert!(ok, "{stdout}");
 }
 
