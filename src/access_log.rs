@@ -3,8 +3,17 @@
 //! by SHA-256, so that a removed or edited record breaks the chain. Auditors of auditors
 //! are a standard demand on communication archives.
 //!
-//! Records are written in their own ordered key space and flushed by a background task
-//! within [`FLUSH_INTERVAL`]; a read fails rather than go unrecorded.
+//! Records are appended to a file of their own ([`AccessFile`]) and made durable by a
+//! background task within [`FLUSH_INTERVAL`]; a read fails rather than go unrecorded. Space
+//! is kept allocated ahead of the records, so reads go on being recorded while another
+//! process holds the rest of the disk; when that runs out too, recorded reads are refused
+//! until space returns, and then served again without a restart.
+//!
+//! A chain shows a record removed or edited, but not the end of the trail cut off, nor
+//! the whole trail removed: what is left still chains. So every checkpoint the ledger
+//! signs anchors the trail's durable head ([`TrailAnchor`]: records, hash of the last),
+//! and [`AccessLog::check_anchor`] finds a trail that no longer holds what was anchored —
+//! at every start, and in `audit-ledger verify`.
 //!
 //! Reading the trail is itself a read by an admin, so the trail grows by one record per
 //! page read. A listing ([`AccessLog::page`]) is therefore pinned, by its page token, to
@@ -19,9 +28,11 @@ use sha2::{Digest, Sha256};
 
 use crate::compliance::page_token::{PagePosition, PageTokens, fingerprint};
 use crate::ledger::LedgerError;
+use crate::ledger::merkle::Hash;
 use crate::ledger::time::Timestamp;
+use crate::ledger::{TrailAnchor, TrailHead};
 use crate::proto::AccessRecord;
-use crate::storage::{IndexStore, StorageError};
+use crate::storage::{AccessFile, StorageError};
 
 /// How often written access records are flushed to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
@@ -58,13 +69,14 @@ struct Tip {
 /// The hash-chained access log.
 #[derive(Clone)]
 pub struct AccessLog {
-    space: Arc<dyn IndexStore>,
+    file: Arc<AccessFile>,
     tip: Arc<Mutex<Tip>>,
+    /// The head of what is on disk (as of the last flush): what checkpoints may anchor.
+    durable: Arc<Mutex<TrailAnchor>>,
 }
 
-fn key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
+/// Records read per step when the whole chain is checked.
+const VERIFY_CHUNK: usize = 4096;
 
 fn record_hash(record: &AccessRecord) -> [u8; 32] {
     let unhashed = AccessRecord {
@@ -72,6 +84,25 @@ fn record_hash(record: &AccessRecord) -> [u8; 32] {
         ..record.clone()
     };
     Sha256::digest(unhashed.encode_to_vec()).into()
+}
+
+/// A trail that does not hold what a checkpoint anchors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrailMismatch {
+    #[error(
+        "the access log holds {records} records but the checkpoint at size {size} anchors {anchored}: records were removed from the access trail"
+    )]
+    Short {
+        records: u64,
+        anchored: u64,
+        size: u64,
+    },
+    #[error(
+        "access record {index} is not the one the checkpoint at size {size} anchors: the access trail was altered or replaced"
+    )]
+    Differs { index: u64, size: u64 },
+    #[error("the access log cannot be read: {0}")]
+    Unreadable(#[from] StorageError),
 }
 
 /// The first broken link of a chain.
@@ -83,11 +114,10 @@ pub struct BrokenChain {
 }
 
 impl AccessLog {
-    /// Opens the log in `space` and finds its tip.
-    pub fn open(space: Arc<dyn IndexStore>) -> Result<AccessLog, StorageError> {
-        let last = space.range(&key(0), &[0xff; 9], usize::MAX)?.pop();
-        let tip = match last {
-            Some((_, value)) => {
+    /// Opens the log kept in `file` and finds its tip.
+    pub fn open(file: AccessFile) -> Result<AccessLog, StorageError> {
+        let tip = match file.last()? {
+            Some(value) => {
                 let record = AccessRecord::decode(value.as_slice())
                     .map_err(|_| StorageError::Malformed("access record".into()))?;
                 Tip {
@@ -104,10 +134,52 @@ impl AccessLog {
                 hash: [0u8; 32],
             },
         };
+        // What was written before this open is made durable now, so that it may be anchored.
+        file.sync()?;
+        let durable = TrailAnchor {
+            records: tip.size,
+            head: Hash(tip.hash),
+        };
         Ok(AccessLog {
-            space,
+            file: Arc::new(file),
             tip: Arc::new(Mutex::new(tip)),
+            durable: Arc::new(Mutex::new(durable)),
         })
+    }
+
+    /// Whether the trail holds what `anchor`, from the checkpoint for tree size `size`,
+    /// commits to: at least as many records, the last of them the one anchored. O(1): the
+    /// records before it are vouched for by the chain, which `verify` checks.
+    pub fn check_anchor(&self, anchor: &TrailAnchor, size: u64) -> Result<(), TrailMismatch> {
+        let records = self.file.count();
+        if records < anchor.records {
+            return Err(TrailMismatch::Short {
+                records,
+                anchored: anchor.records,
+                size,
+            });
+        }
+        let Some(index) = anchor.records.checked_sub(1) else {
+            return Ok(());
+        };
+        let value = self.file.read(index, 1)?.pop().ok_or_else(|| {
+            TrailMismatch::Unreadable(StorageError::Malformed(format!("access record {index}")))
+        })?;
+        let anchored = AccessRecord::decode(value.as_slice()).is_ok_and(|record| {
+            record.index == index
+                && record.record_hash == anchor.head.0
+                && record_hash(&record) == anchor.head.0
+        });
+        if anchored {
+            Ok(())
+        } else {
+            Err(TrailMismatch::Differs { index, size })
+        }
+    }
+
+    /// Keeps `bytes` allocated ahead of the records (see the module docs).
+    pub fn reserve(&self, bytes: u64) {
+        self.file.reserve(bytes);
     }
 
     /// Appends one record.
@@ -130,8 +202,7 @@ impl AccessLog {
         };
         let hash = record_hash(&record);
         record.record_hash = hash.to_vec();
-        self.space
-            .apply(vec![(key(tip.size).to_vec(), Some(record.encode_to_vec()))])?;
+        self.file.append(&record.encode_to_vec())?;
         tip.size += 1;
         tip.hash = hash;
         Ok(())
@@ -194,10 +265,11 @@ impl AccessLog {
         if start >= end {
             return Ok(Vec::new());
         }
-        self.space
-            .range(&key(start), &key(end), limit)?
+        let limit = limit.min(usize::try_from(end - start).unwrap_or(usize::MAX));
+        self.file
+            .read(start, limit)?
             .into_iter()
-            .map(|(_, value)| {
+            .map(|value| {
                 AccessRecord::decode(value.as_slice())
                     .map_err(|_| StorageError::Malformed("access record".into()))
             })
@@ -208,40 +280,51 @@ impl AccessLog {
     pub fn verify(&self) -> Result<u64, BrokenChain> {
         let mut prev = [0u8; 32];
         let mut expected = 0u64;
-        let records = self
-            .space
-            .range(&key(0), &[0xff; 9], usize::MAX)
-            .map_err(|error| BrokenChain {
-                index: 0,
-                problem: error.to_string(),
-            })?;
-        for (stored_key, value) in records {
-            let record = AccessRecord::decode(value.as_slice()).map_err(|_| BrokenChain {
-                index: expected,
-                problem: "not an AccessRecord".into(),
-            })?;
-            let broken = |problem: &str| BrokenChain {
-                index: expected,
-                problem: problem.to_owned(),
-            };
-            if stored_key != key(expected) || record.index != expected {
-                return Err(broken("missing (the chain has a gap)"));
+        loop {
+            let values = self
+                .file
+                .read(expected, VERIFY_CHUNK)
+                .map_err(|error| BrokenChain {
+                    index: expected,
+                    problem: error.to_string(),
+                })?;
+            if values.is_empty() {
+                return Ok(expected);
             }
-            if record.prev_hash != prev {
-                return Err(broken("does not link to the previous record"));
+            for value in values {
+                let broken = |problem: &str| BrokenChain {
+                    index: expected,
+                    problem: problem.to_owned(),
+                };
+                let record = AccessRecord::decode(value.as_slice())
+                    .map_err(|_| broken("not an AccessRecord"))?;
+                if record.index != expected {
+                    return Err(broken("missing (the chain has a gap)"));
+                }
+                if record.prev_hash != prev {
+                    return Err(broken("does not link to the previous record"));
+                }
+                if record.record_hash != record_hash(&record) {
+                    return Err(broken("its content does not match its hash"));
+                }
+                prev = record_hash(&record);
+                expected += 1;
             }
-            if record.record_hash != record_hash(&record) {
-                return Err(broken("its content does not match its hash"));
-            }
-            prev = record_hash(&record);
-            expected += 1;
         }
-        Ok(expected)
     }
 
-    /// Flushes written records to disk.
+    /// Flushes written records to disk; what they end with may then be anchored.
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.space.flush()
+        let head = {
+            let tip = self.tip.lock().expect("access log lock");
+            TrailAnchor {
+                records: tip.size,
+                head: Hash(tip.hash),
+            }
+        };
+        self.file.sync()?;
+        *self.durable.lock().expect("durable head lock") = head;
+        Ok(())
     }
 
     /// Flushes every [`FLUSH_INTERVAL`] until the returned task is aborted.
@@ -266,13 +349,77 @@ impl AccessLog {
     }
 }
 
+impl TrailHead for AccessLog {
+    fn durable_head(&self) -> TrailAnchor {
+        *self.durable.lock().expect("durable head lock")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::access_file::ACCESS_FILE;
 
-    fn trail(dir: &std::path::Path) -> AccessLog {
-        let store = crate::storage::SledStore::open(dir, 1 << 20).unwrap();
-        AccessLog::open(Arc::new(store.access_log().unwrap())).unwrap()
+    fn log_of(dir: &std::path::Path, principal: &str, reads: u64) -> AccessLog {
+        let log = AccessLog::open(AccessFile::open(&dir.join(ACCESS_FILE)).unwrap()).unwrap();
+        for n in 0..reads {
+            log.record(Access {
+                principal,
+                role: "auditor",
+                method: "/audit.ledger.v1.LedgerService/GetEntry",
+                request: format!("index={n}"),
+                result_count: 1,
+            })
+            .unwrap();
+        }
+        log
+    }
+
+    #[test]
+    fn a_trail_meets_an_anchor_only_while_it_holds_the_anchored_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of(dir.path(), "compliance-tool", 3);
+        assert_eq!(log.durable_head().records, 0, "nothing flushed yet");
+        log.flush().unwrap();
+        let anchor = log.durable_head();
+        assert_eq!(anchor.records, 3);
+        log_of(dir.path(), "compliance-tool", 0)
+            .check_anchor(&anchor, 7)
+            .unwrap();
+        // More records than anchored: the anchor still holds.
+        log_of(dir.path(), "compliance-tool", 2)
+            .check_anchor(&anchor, 7)
+            .unwrap();
+        // Another trail as long (another principal's reads) does not.
+        let other = tempfile::tempdir().unwrap();
+        let error = log_of(other.path(), "someone-else", 3)
+            .check_anchor(&anchor, 7)
+            .unwrap_err();
+        assert!(
+            matches!(error, TrailMismatch::Differs { index: 2, size: 7 }),
+            "{error}"
+        );
+        // A shorter one does not either; the empty anchor holds for any trail.
+        let error = log_of(other.path(), "x", 0)
+            .check_anchor(
+                &TrailAnchor {
+                    records: 9,
+                    ..anchor
+                },
+                7,
+            )
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the access log holds 3 records but the checkpoint at size 7 anchors 9: records were removed from the access trail"
+        );
+        let empty = TrailAnchor {
+            records: 0,
+            head: Hash([0; 32]),
+        };
+        log_of(other.path(), "x", 0)
+            .check_anchor(&empty, 7)
+            .unwrap();
     }
 
     fn read(log: &AccessLog, n: u64) {
@@ -289,7 +436,8 @@ mod tests {
     #[test]
     fn a_listing_ends_at_the_size_its_first_page_saw() {
         let dir = tempfile::tempdir().unwrap();
-        let log = trail(dir.path());
+        let log =
+            AccessLog::open(AccessFile::open(&dir.path().join(ACCESS_FILE)).unwrap()).unwrap();
         let tokens = PageTokens::new(b"secret");
         for n in 0..5 {
             read(&log, n);

@@ -52,14 +52,16 @@ pub struct ServerConfig {
     pub max_list_entries: u64,
     /// Most records one group commit takes.
     pub max_group_records: usize,
-    /// sled page cache, in bytes: the sled backend's; the log store's sled holds only the
-    /// access log and takes a quarter of it (its run indexes are read through the OS page
-    /// cache).
+    /// sled page cache, in bytes: the sled backend's (the log store's run indexes are read
+    /// through the OS page cache).
     pub cache_bytes: u64,
     /// The backend of a new store (an existing one keeps its own).
     pub storage: crate::storage::StorageKind,
     /// Free space kept on the data dir's filesystem: appends are refused below it.
     pub min_free_bytes: u64,
+    /// Space kept allocated ahead of the access log's records: what reads recorded in it
+    /// may use while another process holds the rest of the disk (about 200 bytes a read).
+    pub access_log_reserve_bytes: u64,
     /// Principals and their credentials; `None` runs without authentication, which is only
     /// allowed on a loopback address.
     pub auth_file: Option<PathBuf>,
@@ -108,6 +110,7 @@ impl ServerConfig {
             cache_bytes: 256 * 1024 * 1024,
             storage: crate::storage::StorageKind::default(),
             min_free_bytes: 64 * 1024 * 1024,
+            access_log_reserve_bytes: 4 * 1024 * 1024,
             shutdown_grace: std::time::Duration::from_secs(10),
             query_limits: crate::compliance::QueryLimits::default(),
             auth_file: None,

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -25,7 +24,7 @@ use audit_ledger::keys;
 use audit_ledger::ledger::CheckpointVerifier;
 use audit_ledger::server::{self, STORE_DIR_NAME, Server};
 use audit_ledger::telemetry::{self, LogFormat};
-use audit_ledger::verify::verify_store;
+use audit_ledger::verify::{verify_access_trail, verify_store};
 
 #[derive(Parser)]
 #[command(
@@ -371,13 +370,20 @@ struct ServeArgs {
     /// keeps its own.
     #[arg(long, env = "AUDIT_LEDGER_STORAGE", default_value = "log")]
     storage: audit_ledger::storage::StorageKind,
-    /// sled page cache size, in bytes (the sled backend; the log store's access log takes
-    /// a quarter).
+    /// sled page cache size, in bytes (the sled backend).
     #[arg(long, env = "AUDIT_LEDGER_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
     cache_bytes: u64,
     /// Free space kept on the data dir's filesystem; appends are refused below it.
     #[arg(long, env = "AUDIT_LEDGER_MIN_FREE_BYTES", default_value_t = 64 * 1024 * 1024)]
     min_free_bytes: u64,
+    /// Space kept allocated ahead of the access log's records, in bytes: reads by auditors
+    /// and admins go on being recorded (about 200 bytes each) while the disk is full.
+    #[arg(
+        long,
+        env = "AUDIT_LEDGER_ACCESS_LOG_RESERVE_BYTES",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    access_log_reserve_bytes: u64,
     /// Principals and credentials (TOML); without it the server is unauthenticated and
     /// loopback only.
     #[arg(long, env = "AUDIT_LEDGER_AUTH_FILE")]
@@ -680,6 +686,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.cache_bytes = args.cache_bytes;
     config.storage = args.storage;
     config.min_free_bytes = args.min_free_bytes;
+    config.access_log_reserve_bytes = args.access_log_reserve_bytes;
     config.auth_file = args.auth_file;
     config.tls = args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles {
         cert,
@@ -879,16 +886,20 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    let access = AccessLog::open(Arc::new(opened.access))?;
+    let access = AccessLog::open(opened.access)?;
     match result {
-        Ok(report) => match access.verify() {
-            Ok(records) => {
+        Ok(report) => match verify_access_trail(store.as_ref(), &verifier, &access) {
+            Ok(trail) => {
+                let anchored = match trail.anchored {
+                    Some((size, records)) => format!(" ({records} anchored at size {size})"),
+                    None => String::new(),
+                };
                 println!(
-                    "ok: {} entries, root {}, {} signed checkpoints consistent, {} access records chained, origin {} ({:.1}s)",
+                    "ok: {} entries, root {}, {} signed checkpoints consistent, {} access records chained{anchored}, origin {} ({:.1}s)",
                     report.tree_size,
                     hex_string(&report.root_hash.0),
                     report.checkpoints,
-                    records,
+                    trail.records,
                     report.origin,
                     started.elapsed().as_secs_f64()
                 );

@@ -20,7 +20,7 @@ use crate::compliance::page_token::PageTokens;
 use crate::config::{DEFAULT_ORIGIN, ServerConfig, TlsFiles};
 use crate::grpc::{AccessLogApi, ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
-use crate::ledger::{Ledger, LedgerError, LedgerOptions};
+use crate::ledger::{Ledger, LedgerError, LedgerOptions, WriteState};
 use crate::proto::access_log_service_server::AccessLogServiceServer;
 use crate::proto::compliance_service_server::ComplianceServiceServer;
 use crate::proto::ledger_service_server::LedgerServiceServer;
@@ -28,6 +28,10 @@ use crate::storage::{IndexStore, StorageError, StorageKind, open_store};
 
 /// Health-check service name that reports whether writes are accepted.
 pub const WRITES_HEALTH_SERVICE: &str = "audit.ledger.v1.Writes";
+
+/// How often the writer is asked to look again at whether writes can be accepted, when
+/// nothing else would make it (see [`report_writes`]).
+const WRITES_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Directory of the sled store inside the data dir.
 pub const STORE_DIR_NAME: &str = "store";
@@ -46,6 +50,11 @@ pub enum ServerError {
     Ledger(#[from] LedgerError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The access trail does not hold what the latest signed checkpoint anchors.
+    #[error(
+        "refusing to start: {0}. Every read by an auditor or admin must stay on record; put back store/access.log as it was (a copy at least as new as that checkpoint) and run `audit-ledger verify`"
+    )]
+    AccessTrail(#[from] crate::access_log::TrailMismatch),
 }
 
 /// An opened ledger, ready to serve.
@@ -146,7 +155,8 @@ impl Server {
         )?;
         let index: Arc<dyn IndexStore> = opened.index;
         let facts: Arc<dyn IndexStore> = opened.facts;
-        let access = AccessLog::open(Arc::new(opened.access))?;
+        let access = AccessLog::open(opened.access)?;
+        access.reserve(config.access_log_reserve_bytes);
         let token_secret = signer.secret_bytes();
         let (indexer, progress) =
             ComplianceIndexer::new(index.clone(), facts.clone(), opened.store.clone())?;
@@ -161,7 +171,14 @@ impl Server {
                 ..LedgerOptions::default()
             },
             Some(Box::new(indexer)),
+            Some(Arc::new(access.clone())),
         )?;
+        // The trail must hold what the ledger anchored: a trail removed or cut (what is left
+        // still chains) is found here, before anything is served or recorded after it.
+        let checkpoint = ledger.checkpoint();
+        if let Some(anchor) = &checkpoint.access_anchor {
+            access.check_anchor(anchor, checkpoint.size)?;
+        }
         let compliance = Compliance::new(
             ledger.clone(),
             index,
@@ -229,14 +246,15 @@ impl Server {
             .set_serving::<ComplianceServiceServer<ComplianceApi>>()
             .await;
         // Writes have a health entry of their own: reads may be served while writes are not.
-        let writes_status = if self.ledger.write_refusal().is_some() {
-            tonic_health::ServingStatus::NotServing
-        } else {
-            tonic_health::ServingStatus::Serving
-        };
+        let writes_status = serving_status(&self.ledger.write_state());
         health
             .set_service_status(WRITES_HEALTH_SERVICE, writes_status)
             .await;
+        let writes_reporter = tokio::spawn(report_writes(
+            self.ledger.clone(),
+            health.clone(),
+            writes_status,
+        ));
         let mut builder = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
             .max_concurrent_streams(Some(self.config.max_concurrent_streams));
@@ -300,12 +318,55 @@ impl Server {
         };
         flusher.abort();
         let _ = flusher.await;
+        writes_reporter.abort();
+        let _ = writes_reporter.await;
         if let Err(error) = self.access.flush() {
             tracing::error!(%error, "access log flush at shutdown failed");
         }
         self.ledger.shutdown().await;
         tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
         Ok(result?)
+    }
+}
+
+/// Keeps the health of writes ([`WRITES_HEALTH_SERVICE`]) in step with the writer:
+/// `NOT_SERVING` as soon as it refuses writes (the disk full, a group that cannot be
+/// written, a store that does not match its checkpoint), `SERVING` as soon as it accepts
+/// them again. The writer is asked every [`WRITES_PROBE_INTERVAL`] to look again, so a disk
+/// filled or freed by another process while nobody writes is reported too.
+async fn report_writes(
+    ledger: Ledger,
+    health: tonic_health::server::HealthReporter,
+    mut reported: tonic_health::ServingStatus,
+) {
+    let mut writes = ledger.writes();
+    let mut probe = tokio::time::interval(WRITES_PROBE_INTERVAL);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        writes.borrow_and_update();
+        let status = serving_status(&ledger.write_state());
+        if status != reported {
+            health
+                .set_service_status(WRITES_HEALTH_SERVICE, status)
+                .await;
+            reported = status;
+        }
+        tokio::select! {
+            changed = writes.changed() => {
+                if changed.is_err() {
+                    // No writer (a read-only ledger, or one shut down): nothing changes now.
+                    return;
+                }
+            }
+            _ = probe.tick() => ledger.probe_writes(),
+        }
+    }
+}
+
+fn serving_status(writes: &WriteState) -> tonic_health::ServingStatus {
+    match writes {
+        WriteState::Accepting => tonic_health::ServingStatus::Serving,
+        WriteState::Refused(_) => tonic_health::ServingStatus::NotServing,
     }
 }
 
@@ -328,6 +389,7 @@ pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64,
         signer,
         LedgerOptions::default(),
         Some(Box::new(indexer)),
+        None,
     )?;
     let size = ledger.tree_size();
     // Fact lists are complete once the ledger is open; communication lists follow.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use crate::access_log::{AccessLog, BrokenChain, TrailMismatch};
 use crate::ledger::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header};
 use crate::ledger::merkle::{self, Frontier, Hash};
 use crate::ledger::time::Timestamp;
@@ -583,4 +584,49 @@ pub fn body_problem(record: &leaf_record::Record, body: Option<&[u8]>) -> Option
             .is_some_and(|body| !body.is_empty())
             .then_some("a fact carries a body"),
     }
+}
+
+/// What the access trail check covered.
+#[derive(Debug, Clone)]
+pub struct AccessTrailReport {
+    /// Records in the trail, all chained.
+    pub records: u64,
+    /// `(tree size, records)`: the anchor of the latest signed checkpoint, which the trail
+    /// holds; `None` when that checkpoint anchors none.
+    pub anchored: Option<(u64, u64)>,
+}
+
+/// Why the access trail does not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessTrailError {
+    #[error(transparent)]
+    Anchor(#[from] TrailMismatch),
+    #[error(transparent)]
+    Chain(#[from] BrokenChain),
+    #[error("the latest checkpoint, which anchors the access trail: {0}")]
+    Checkpoint(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Checks the access trail beside the ledger: that it holds what the latest signed
+/// checkpoint anchors — a trail removed or cut short still chains, so only the anchor
+/// shows it — and then its hash chain, record by record.
+pub fn verify_access_trail(
+    store: &dyn Store,
+    verifier: &CheckpointVerifier,
+    access: &AccessLog,
+) -> Result<AccessTrailReport, AccessTrailError> {
+    let mut anchored = None;
+    if let Some((_, note)) = store.latest_checkpoint()? {
+        let checkpoint = verifier
+            .verify(&note)
+            .map_err(|error| AccessTrailError::Checkpoint(error.to_string()))?;
+        if let Some(anchor) = &checkpoint.access_anchor {
+            access.check_anchor(anchor, checkpoint.size)?;
+            anchored = Some((checkpoint.size, anchor.records));
+        }
+    }
+    let records = access.verify()?;
+    Ok(AccessTrailReport { records, anchored })
 }

@@ -69,7 +69,7 @@ async fn a_failed_commit_is_retried_unchanged_and_found_by_an_idempotent_retry()
     )
     .unwrap();
     let verifier = signer.verifier();
-    let ledger = Ledger::open(store.clone(), signer, LedgerOptions::default(), None).unwrap();
+    let ledger = Ledger::open(store.clone(), signer, LedgerOptions::default(), None, None).unwrap();
     let record = |n| {
         prepare_communication(
             common::communication("s", n),

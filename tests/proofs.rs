@@ -10,7 +10,9 @@ use common::{TestServer, checkpoint, communication, hash32, rfc9162};
 use signed_note::{Note, StandardVerifier, VerifierList};
 use tonic::Code;
 
-/// Verifies the note with the verifier key and returns (origin, size, root) from its text.
+/// Verifies the note with the verifier key and returns (origin, size, root) from its text:
+/// its first three lines, then (C2SP tlog-checkpoint) non-empty extension lines — here at
+/// most the access trail's anchor.
 fn verify_note(note: &str, verifier_key: &str) -> (String, u64, [u8; 32]) {
     let verifier = StandardVerifier::new(verifier_key).expect("verifier key parses");
     let parsed = Note::from_bytes(note.as_bytes()).expect("note parses");
@@ -19,7 +21,13 @@ fn verify_note(note: &str, verifier_key: &str) -> (String, u64, [u8; 32]) {
         .expect("signature verifies");
     let text = std::str::from_utf8(parsed.text()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "origin, size, root: {text:?}");
+    assert!(lines.len() >= 3, "origin, size, root: {text:?}");
+    for extension in &lines[3..] {
+        assert!(
+            extension.starts_with("access-log "),
+            "an extension line: {text:?}"
+        );
+    }
     use base64::Engine as _;
     let root = base64::engine::general_purpose::STANDARD
         .decode(lines[2])

@@ -14,28 +14,9 @@ use audit_ledger::proto::{
     RecordFactRequest, ResellerRelationship, Topic, fact, leaf_record,
 };
 use audit_ledger::server::Server;
-use common::{TestServer, communication};
+use common::{Bearer, TestServer, communication, token_add};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-struct Bearer(Option<String>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
 
 type Ledger = LedgerServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
@@ -49,21 +30,6 @@ async fn channel(address: &str) -> Channel {
 
 async fn ledger_as(address: &str, token: Option<&str>) -> Ledger {
     LedgerServiceClient::with_interceptor(channel(address).await, Bearer(token.map(str::to_owned)))
-}
-
-fn token_add(auth_file: &Path, name: &str, role: &str, senders: Option<&str>) -> String {
-    let mut command = std::process::Command::new(common::binary());
-    command
-        .args(["token", "add", name, "--role", role, "--auth-file"])
-        .arg(auth_file);
-    if let Some(senders) = senders {
-        command.args(["--senders", senders]);
-    }
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    // The token is alone on the last line.
-    stdout.lines().last().unwrap().to_owned()
 }
 
 struct Tokens {
@@ -811,16 +777,20 @@ async fn reads_by_auditors_and_admins_are_in_a_hash_chained_access_log() {
 
     // Editing a record breaks the chain, and verify names it.
     {
-        use audit_ledger::storage::IndexStore;
-        let store = common::open_any_store(&data.join(audit_ledger::server::STORE_DIR_NAME));
-        let space = store.access;
-        let mut value = space.get(&1u64.to_be_bytes()).unwrap().unwrap();
-        let at = value.iter().position(|b| *b == b'c').unwrap();
-        value[at] = b'C';
-        space
-            .apply(vec![(1u64.to_be_bytes().to_vec(), Some(value))])
-            .unwrap();
-        space.flush().unwrap();
+        let trail = data
+            .join(audit_ledger::server::STORE_DIR_NAME)
+            .join(audit_ledger::storage::access_file::ACCESS_FILE);
+        let mut bytes = std::fs::read(&trail).unwrap();
+        // The principal of the second record.
+        let at = bytes
+            .windows(b"compliance-tool".len())
+            .enumerate()
+            .filter(|(_, window)| *window == b"compliance-tool")
+            .nth(1)
+            .unwrap()
+            .0;
+        bytes[at] = b'C';
+        std::fs::write(&trail, bytes).unwrap();
     }
     let (ok, stdout) = verify(&data);
     assert!(
@@ -946,4 +916,135 @@ async fn an_admin_pages_through_the_access_log_to_its_end() {
     );
     drop((auditor, admin));
     server.stop().await;
+}
+
+/// The frames of `access.log` (magic, then `len u32 | record | checksum u64`): keeps the
+/// first `records` and cuts the rest off, as someone covering their tracks would.
+fn keep_access_records(trail: &Path, records: usize) {
+    let bytes = std::fs::read(trail).unwrap();
+    let mut end = 8;
+    for _ in 0..records {
+        let len = u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+        end += 4 + len + 8;
+    }
+    let file = std::fs::OpenOptions::new().write(true).open(trail).unwrap();
+    file.set_len(end as u64).unwrap();
+}
+
+/// What starting the server on `config` says, when it refuses.
+fn refused_start(config: &ServerConfig) -> String {
+    match common::open_retrying(|| Server::open(config.clone())) {
+        Ok(_) => panic!("the server started"),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// Issue 16, item 5: the access trail could be removed without trace — `verify` counted
+/// "0 access records chained" and the server started. Each checkpoint now anchors the
+/// trail's head, so a trail removed, or cut back below what was anchored, fails `verify`
+/// (naming the access log and the anchor) and stops the start; put back, it passes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
+    for storage in [
+        audit_ledger::storage::StorageKind::Log,
+        audit_ledger::storage::StorageKind::Sled,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth_file, tokens) = principals(dir.path());
+        let data = dir.path().join("data");
+        let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
+        config.auth_file = Some(auth_file);
+        config.storage = storage;
+        let server = TestServer::start_with(config.clone()).await;
+        let mut writer = ledger_as(&server.address, Some(&tokens.writer)).await;
+        let mut auditor = ledger_as(&server.address, Some(&tokens.auditor)).await;
+        for n in 0..2 {
+            writer
+                .append(AppendRequest {
+                    communication: Some(communication("s", n)),
+                })
+                .await
+                .unwrap();
+            for index in 0..=n {
+                auditor.get_entry(GetEntryRequest { index }).await.unwrap();
+            }
+            auditor
+                .get_checkpoint(GetCheckpointRequest {})
+                .await
+                .unwrap();
+            // Checkpoints anchor what of the trail is on disk: flushed within 500 ms.
+            tokio::time::sleep(audit_ledger::access_log::FLUSH_INTERVAL * 3).await;
+        }
+        // Anchored by the last append's checkpoint: the five reads before it.
+        writer
+            .append(AppendRequest {
+                communication: Some(communication("s", 2)),
+            })
+            .await
+            .unwrap();
+        auditor
+            .get_entry(GetEntryRequest { index: 2 })
+            .await
+            .unwrap();
+        drop((writer, auditor));
+        server.stop().await;
+
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(
+            ok && stdout.contains("6 access records chained (5 anchored at size 3)"),
+            "{storage:?}: {stdout}"
+        );
+        let store = data.join(audit_ledger::server::STORE_DIR_NAME);
+        // Where the access log was kept before its file: nothing of the trail is there now.
+        let _ = std::fs::remove_dir_all(store.join("derived"));
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(ok, "{storage:?}: {stdout}");
+
+        let trail = store.join(audit_ledger::storage::access_file::ACCESS_FILE);
+        let kept = std::fs::read(&trail).unwrap();
+        // Cut: the last records dropped, below the anchor.
+        keep_access_records(&trail, 3);
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(
+            !ok && stdout.starts_with(
+                "FAILED: the access log holds 3 records but the checkpoint at size 3 anchors 5"
+            ),
+            "{storage:?}: {stdout}"
+        );
+        let refusal = refused_start(&config);
+        assert!(
+            refusal.contains("refusing to start")
+                && refusal.contains("holds 3 records but the checkpoint at size 3 anchors 5"),
+            "{storage:?}: {refusal}"
+        );
+        // Removed: the whole trail gone.
+        std::fs::remove_file(&trail).unwrap();
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(
+            !ok && stdout.contains("the access log holds 0 records")
+                && stdout.contains("anchors 5"),
+            "{storage:?}: {stdout}"
+        );
+        assert!(
+            refused_start(&config).contains("holds 0 records"),
+            "{storage:?}"
+        );
+        // Altered: a record edited in place (its chain shows it).
+        std::fs::write(&trail, &kept).unwrap();
+        let mut other = kept.clone();
+        let at = other
+            .windows(b"compliance-tool".len())
+            .position(|window| window == b"compliance-tool")
+            .unwrap();
+        other[at] = b'C';
+        std::fs::write(&trail, &other).unwrap();
+        let (ok, _) = common::run_verify(&data);
+        assert!(!ok, "{storage:?}: an edited trail fails (its chain)");
+
+        // Put back as it was: it verifies, and the server starts.
+        std::fs::write(&trail, &kept).unwrap();
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(ok, "{storage:?}: {stdout}");
+        TestServer::start_with(config).await.stop().await;
+    }
 }

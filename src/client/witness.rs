@@ -18,6 +18,8 @@ use crate::proto::{GetCheckpointRequest, GetConsistencyProofRequest, ListEntries
 use crate::verify::{ChainLink, GENESIS_LINK, check_entry};
 
 /// How a witness run ended, when it could run at all.
+// One per run, returned once: boxing the checkpoints would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     /// Everything checked; the new checkpoint was saved (when a file was given).

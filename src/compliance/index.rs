@@ -309,11 +309,29 @@ impl ComplianceIndexer {
             let failure = failure.clone();
             let target = target.clone();
             crate::background::spawn("communication-indexer", move || {
-                if let Err(error) = follow(index.as_ref(), store.as_ref(), &target, &progress) {
-                    tracing::error!(%error, "indexing communications failed");
-                    *failure.lock().expect("failure lock") = Some(format!(
-                        "indexing communications failed ({error}); restart the server"
-                    ));
+                // A lack of space (the lists' runs cannot be written) is waited out: `follow`
+                // starts again from the watermark. Anything else stops the lists for good.
+                loop {
+                    match follow(index.as_ref(), store.as_ref(), &target, &progress) {
+                        Ok(()) => return,
+                        Err(StorageError::NoSpace(reason)) => {
+                            tracing::warn!(%reason, "no space to index communications; trying again in a second");
+                            let (lock, wake) = &*target;
+                            let state = lock.lock().expect("target lock");
+                            if state.stop {
+                                return;
+                            }
+                            let pause = std::time::Duration::from_secs(1);
+                            drop(wake.wait_timeout(state, pause).expect("target lock"));
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "indexing communications failed");
+                            *failure.lock().expect("failure lock") = Some(format!(
+                                "indexing communications failed ({error}); restart the server"
+                            ));
+                            return;
+                        }
+                    }
                 }
             })
             .expect("the indexing thread starts")

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::status::to_status;
+use super::status::{to_status, unrecorded_read};
 use crate::access_log::{Access, AccessLog};
 use crate::auth::Principal;
 use crate::compliance::page_token::PageTokens;
@@ -29,10 +29,7 @@ pub fn record(
         request,
         result_count,
     })
-    .map_err(|error| {
-        tracing::error!(%error, "access log write failed");
-        Status::unavailable("the access log cannot be written; reads are refused")
-    })
+    .map_err(|error| unrecorded_read(&error))
 }
 
 /// Records the reads of one service: `record(principal, "GetEntry", …)`.

@@ -5,6 +5,7 @@ use prost::Name;
 use tonic::{Code, Status};
 
 use crate::ledger::LedgerError;
+use crate::storage::StorageError;
 
 pub fn to_status(error: LedgerError) -> Status {
     match error {
@@ -43,5 +44,17 @@ pub fn undecodable<U: Name>(error: prost::DecodeError) -> Status {
             "the response is not a valid {}: {error}",
             U::full_name()
         ))
+    }
+}
+
+/// A read whose access record could not be written is refused: nothing is read unrecorded
+/// (ARCHITECTURE.md). A full disk says so, and that a retry will do once space is freed.
+pub fn unrecorded_read(error: &StorageError) -> Status {
+    tracing::error!(%error, "access log write failed; the read is refused");
+    match error {
+        StorageError::NoSpace(_) => Status::resource_exhausted(
+            "the access log cannot be written (the disk is full), so the read is refused: retry once space is freed",
+        ),
+        _ => Status::unavailable("the access log cannot be written, so the read is refused"),
     }
 }

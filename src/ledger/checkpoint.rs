@@ -1,6 +1,15 @@
 //! Signed checkpoints: a C2SP `tlog-checkpoint` (origin, tree size, base64 root hash)
 //! signed as a C2SP `signed-note` with Ed25519, so that any note verifier (Go's
 //! `golang.org/x/mod/sumdb/note`, `signed_note`, Sigsum/Tessera witnesses) can check it.
+//!
+//! A checkpoint may also anchor the access trail ([`TrailAnchor`]) in one extension line
+//! after the root hash, which C2SP tlog-checkpoint allows ("zero or more non-empty
+//! extension lines", opaque to verifiers that do not know them; Go's `tlog.ParseTree`
+//! ignores lines after the hash):
+//!
+//! ```text
+//! access-log <records> <base64 SHA-256 of the last record>
+//! ```
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use signed_note::{Note, Signer, StandardVerifier, Verifier, VerifierList};
@@ -14,8 +23,62 @@ pub struct SignedCheckpoint {
     pub origin: String,
     pub size: u64,
     pub root_hash: Hash,
+    /// The access trail as it was when this checkpoint was signed; `None` in checkpoints
+    /// signed without one (the empty tree's, those from before anchors).
+    pub access_anchor: Option<TrailAnchor>,
     /// The signed note: checkpoint body, blank line, signature lines.
     pub note: String,
+}
+
+/// The head of the access trail (the hash-chained log of reads kept beside the ledger) a
+/// checkpoint commits to, so that losing or cutting the trail is detected: a trail must
+/// hold at least `records`, and its record `records − 1` must hash to `head`. Through
+/// the chain, `head` vouches for every record before it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrailAnchor {
+    /// Records in the trail.
+    pub records: u64,
+    /// The hash of its last record; zeros when it is empty.
+    pub head: Hash,
+}
+
+/// The first word of the extension line that carries a [`TrailAnchor`].
+const ANCHOR_LINE: &str = "access-log";
+
+impl TrailAnchor {
+    /// The extension line, newline included.
+    fn line(&self) -> String {
+        use base64::Engine as _;
+        let head = base64::engine::general_purpose::STANDARD.encode(self.head.0);
+        format!("{ANCHOR_LINE} {} {head}\n", self.records)
+    }
+
+    /// The anchor among a checkpoint's extension lines, if one is there. Other extension
+    /// lines are left alone; a malformed anchor line is a malformed checkpoint.
+    fn from_extension(extension: &str) -> Result<Option<TrailAnchor>, CheckpointError> {
+        use base64::Engine as _;
+        let Some(line) = extension
+            .lines()
+            .find(|line| line.split(' ').next() == Some(ANCHOR_LINE))
+        else {
+            return Ok(None);
+        };
+        let mut fields = line.split(' ').skip(1);
+        let (Some(records), Some(head), None) = (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(CheckpointError::Malformed);
+        };
+        let records: u64 = records.parse().map_err(|_| CheckpointError::Malformed)?;
+        let head: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(head)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or(CheckpointError::Malformed)?;
+        Ok(Some(TrailAnchor {
+            records,
+            head: Hash(head),
+        }))
+    }
 }
 
 /// Why a checkpoint could not be made or accepted.
@@ -84,7 +147,19 @@ impl CheckpointSigner {
 
     /// Signs the checkpoint for a tree of `size` entries with root `root_hash`.
     pub fn sign(&self, size: u64, root_hash: Hash) -> Result<SignedCheckpoint, CheckpointError> {
-        let body = Checkpoint::new(&self.origin, size, root_hash, "")
+        self.sign_anchoring(size, root_hash, None)
+    }
+
+    /// Signs the checkpoint for a tree of `size` entries with root `root_hash`, anchoring the
+    /// access trail at `access_anchor` when one is given.
+    pub fn sign_anchoring(
+        &self,
+        size: u64,
+        root_hash: Hash,
+        access_anchor: Option<TrailAnchor>,
+    ) -> Result<SignedCheckpoint, CheckpointError> {
+        let extension = access_anchor.map_or_else(String::new, |anchor| anchor.line());
+        let body = Checkpoint::new(&self.origin, size, root_hash, &extension)
             .map_err(|_| CheckpointError::InvalidOrigin(self.origin.clone()))?
             .to_bytes();
         let mut note = Note::new(&body, &[]).map_err(|_| CheckpointError::Malformed)?;
@@ -95,6 +170,7 @@ impl CheckpointSigner {
             origin: self.origin.clone(),
             size,
             root_hash,
+            access_anchor,
             note,
         })
     }
@@ -155,6 +231,7 @@ impl CheckpointVerifier {
             origin: checkpoint.origin().to_owned(),
             size: checkpoint.size(),
             root_hash: *checkpoint.hash(),
+            access_anchor: TrailAnchor::from_extension(checkpoint.extension())?,
             note: String::from_utf8_lossy(note).into_owned(),
         })
     }
@@ -207,6 +284,59 @@ mod tests {
             CheckpointSigner::new("example.com/log", SigningKey::from_bytes(&[8u8; 32])).unwrap();
         let foreign = other.sign(42, EMPTY_HASH).unwrap();
         assert!(verifier.verify(foreign.note.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn an_anchored_checkpoint_carries_the_trail_in_an_extension_line_and_verifies() {
+        let signer = signer();
+        let anchor = TrailAnchor {
+            records: 12,
+            head: crate::ledger::merkle::leaf_hash(b"record 11"),
+        };
+        let checkpoint = signer
+            .sign_anchoring(42, crate::ledger::merkle::leaf_hash(b"x"), Some(anchor))
+            .unwrap();
+        let lines: Vec<&str> = checkpoint.note.lines().collect();
+        assert_eq!(lines[1], "42");
+        assert!(
+            lines[3].starts_with("access-log 12 ") && lines[3].ends_with('='),
+            "{}",
+            lines[3]
+        );
+        assert_eq!(lines[4], "", "the body ends after the extension line");
+        assert!(lines[5].starts_with("— example.com/log "));
+        // Any note verifier: the signature covers the extension line.
+        let note = signed_note::Note::from_bytes(checkpoint.note.as_bytes()).unwrap();
+        let known = VerifierList::new(vec![Box::new(
+            StandardVerifier::new(&signer.verifier_key()).unwrap(),
+        )]);
+        note.verify(&known).unwrap();
+        let parsed = Checkpoint::from_bytes(note.text()).unwrap();
+        assert_eq!(parsed.size(), 42);
+        let verified = signer
+            .verifier()
+            .verify(checkpoint.note.as_bytes())
+            .unwrap();
+        assert_eq!(verified.access_anchor, Some(anchor));
+        assert_eq!(verified, checkpoint);
+        // Altering the anchor breaks the signature.
+        let altered = checkpoint
+            .note
+            .replacen("access-log 12 ", "access-log 11 ", 1);
+        assert!(matches!(
+            signer.verifier().verify(altered.as_bytes()),
+            Err(CheckpointError::BadSignature(_))
+        ));
+        // Without an anchor, none is read.
+        let plain = signer.sign(42, EMPTY_HASH).unwrap();
+        assert_eq!(
+            signer
+                .verifier()
+                .verify(plain.note.as_bytes())
+                .unwrap()
+                .access_anchor,
+            None
+        );
     }
 
     #[test]

@@ -16,10 +16,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::storage::{StorageError, Store};
-pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint};
+pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint, TrailAnchor};
 pub use error::LedgerError;
 use merkle::{Hash, NodeError, NodeSource};
 
@@ -88,6 +88,16 @@ impl Default for LedgerOptions {
     }
 }
 
+/// Whether the ledger accepts writes, as its writer last found: after every group, and
+/// at every [`Ledger::probe_writes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteState {
+    Accepting,
+    /// Writes are refused, and why (the disk full, a group that cannot be written, a
+    /// store that does not match its checkpoint, …).
+    Refused(String),
+}
+
 /// Derived data kept in step with the ledger (query indexes). The writer calls it after each
 /// durable commit and before publishing the new entries; `Ledger::open` first brings it up
 /// to the stored size, so it never misses an entry, even after a crash.
@@ -96,6 +106,14 @@ pub trait Indexer: Send + 'static {
     fn indexed_size(&self) -> Result<u64, StorageError>;
     /// Indexes consecutive entries `(index, leaf)`, the first at `indexed_size()`.
     fn index(&mut self, entries: &[(u64, &[u8])]) -> Result<(), StorageError>;
+}
+
+/// Where the writer finds the access trail's head, for each checkpoint to anchor
+/// ([`TrailAnchor`]). Only what is durable may be anchored: a checkpoint outlives a crash,
+/// and must not anchor records that did not.
+pub trait TrailHead: Send + Sync + 'static {
+    /// The head of what of the trail is on disk now.
+    fn durable_head(&self) -> TrailAnchor;
 }
 
 /// Entries read per step when an indexer catches up at start-up.
@@ -119,16 +137,20 @@ pub struct Ledger {
     /// health says so, until an operator has run `verify` and restarted.
     damage: Arc<std::sync::OnceLock<String>>,
     body_check: Option<BodyCheck>,
+    /// Whether writes are accepted (the writer tells every change).
+    writes: watch::Receiver<WriteState>,
 }
 
 impl Ledger {
     /// Opens the ledger on `store`: checks the stored tail against the last signed checkpoint
     /// (O(log n) reads, no replay), signs the empty tree on first start, and starts the writer.
+    /// With `trail`, every checkpoint the writer signs anchors the access trail's head.
     pub fn open(
         store: Arc<dyn Store>,
         signer: CheckpointSigner,
         options: LedgerOptions,
         mut indexer: Option<Box<dyn Indexer>>,
+        trail: Option<Arc<dyn TrailHead>>,
     ) -> Result<Ledger, LedgerError> {
         let state = match writer::recover(store.as_ref(), &signer) {
             Ok(state) => state,
@@ -145,6 +167,7 @@ impl Ledger {
         });
         let (requests, queue) = mpsc::channel(options.queue_depth.max(1));
         let body_check = options.body_check;
+        let (tell_writes, writes) = watch::channel(WriteState::Accepting);
         let handle = writer::spawn(
             store.clone(),
             signer,
@@ -153,6 +176,8 @@ impl Ledger {
             queue,
             options,
             indexer,
+            trail,
+            tell_writes,
         )?;
         Ok(Ledger {
             store,
@@ -162,6 +187,7 @@ impl Ledger {
             refusal: None,
             damage: Arc::default(),
             body_check,
+            writes,
         })
     }
 
@@ -191,6 +217,8 @@ impl Ledger {
         );
         // No writer: the queue's receiver is dropped, and `append` refuses before using it.
         let (requests, _) = mpsc::channel(1);
+        let refused = LedgerError::WritesRefused(reason.clone()).to_string();
+        let (_, writes) = watch::channel(WriteState::Refused(refused));
         Ok(Ledger {
             store,
             published: Arc::new(Published {
@@ -201,6 +229,7 @@ impl Ledger {
             refusal: Some(Arc::from(reason.as_str())),
             damage: Arc::default(),
             body_check: None,
+            writes,
         })
     }
 
@@ -210,6 +239,29 @@ impl Ledger {
         self.refusal
             .as_deref()
             .or_else(|| self.damage.get().map(String::as_str))
+    }
+
+    /// Whether writes are accepted, as the writer last found; changes are seen with
+    /// `changed()` on the receiver. (Damage a read found is not among them: see
+    /// [`Ledger::write_state`].)
+    pub fn writes(&self) -> watch::Receiver<WriteState> {
+        self.writes.clone()
+    }
+
+    /// Whether writes are accepted now: refused for good once a read found a damaged
+    /// entry, otherwise as the writer last found.
+    pub fn write_state(&self) -> WriteState {
+        match self.damage.get() {
+            Some(reason) => WriteState::Refused(reason.clone()),
+            None => self.writes.borrow().clone(),
+        }
+    }
+
+    /// Asks the writer to find out again whether writes can be accepted — retrying a held
+    /// group, looking at the free space — and to tell it through [`Ledger::writes`]. Does not
+    /// wait: a writer busy with appends finds out with them.
+    pub fn probe_writes(&self) {
+        let _ = self.requests.try_send(writer::Command::Probe);
     }
 
     /// Appends records, all or nothing, and returns once they are durable. New records get

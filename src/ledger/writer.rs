@@ -11,21 +11,27 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::checkpoint::{CheckpointSigner, SignedCheckpoint};
 use super::error::LedgerError;
 use super::leaf::{GENESIS_PREV_LEAF_HASH, LeafHeader, decode_header, encode_leaf};
 use super::merkle::{self, Frontier, Hash};
 use super::time::Timestamp;
-use super::{Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes};
-use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, Store};
+use super::{
+    Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes, TrailHead, WriteState,
+};
+use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, StorageError, Store};
 
 pub(super) enum Command {
     Append {
         records: Vec<NewRecord>,
         reply: oneshot::Sender<Result<Vec<Appended>, LedgerError>>,
     },
+    /// Find out again whether writes can be accepted: a held group is retried and the free
+    /// space looked at, with no append waiting (so writes resume, and [`WriteState`] says
+    /// so, when space returns while nobody writes).
+    Probe,
     /// Finish what is queued before this, then stop.
     Shutdown { done: oneshot::Sender<()> },
 }
@@ -129,6 +135,7 @@ pub(super) fn recover(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn spawn(
     store: Arc<dyn Store>,
     signer: CheckpointSigner,
@@ -137,6 +144,8 @@ pub(super) fn spawn(
     queue: mpsc::Receiver<Command>,
     options: LedgerOptions,
     indexer: Option<Box<dyn Indexer>>,
+    trail: Option<Arc<dyn TrailHead>>,
+    writes: watch::Sender<WriteState>,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
     let writer = Writer {
         store,
@@ -145,8 +154,10 @@ pub(super) fn spawn(
         published,
         options,
         indexer,
+        trail,
         limbo: None,
         failed: None,
+        writes,
     };
     std::thread::Builder::new()
         .name("ledger-writer".into())
@@ -161,11 +172,15 @@ struct Writer {
     published: Arc<Published>,
     options: LedgerOptions,
     indexer: Option<Box<dyn Indexer>>,
+    /// The access trail each checkpoint anchors.
+    trail: Option<Arc<dyn TrailHead>>,
     /// A group whose commit failed, with the state it leads to: written before anything else.
     limbo: Option<(CommitBatch, WriterState)>,
-    /// Set when a commit failed: what the store holds is then uncertain until a restart
-    /// re-reads it, so no further write is attempted.
+    /// Set when sequencing or indexing failed for a reason other than space: no further
+    /// write is attempted until a restart re-reads the store and re-derives the indexes.
     failed: Option<String>,
+    /// Whether writes are accepted, as the last group or probe found: what health reports.
+    writes: watch::Sender<WriteState>,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, LedgerError>>;
@@ -176,6 +191,7 @@ impl Writer {
             let mut group: Vec<(Vec<NewRecord>, Reply)> = Vec::new();
             let mut records = 0usize;
             let mut shutdown = None;
+            let mut probe = false;
             let mut next = Some(command);
             while let Some(command) = next.take() {
                 match command {
@@ -186,6 +202,7 @@ impl Writer {
                         records += batch.len();
                         group.push((batch, reply));
                     }
+                    Command::Probe => probe = true,
                     Command::Shutdown { done } => {
                         shutdown = Some(done);
                         break;
@@ -197,11 +214,74 @@ impl Writer {
             }
             if !group.is_empty() {
                 self.commit_group(group);
+            } else if probe {
+                self.probe();
             }
             if let Some(done) = shutdown {
                 let _ = done.send(());
                 return;
             }
+        }
+    }
+
+    /// Says whether writes are accepted (health reports it); only a change is told, and
+    /// logged.
+    fn tell(&self, state: WriteState) {
+        self.writes.send_if_modified(|current| {
+            if *current == state {
+                return false;
+            }
+            match &state {
+                WriteState::Refused(reason) => tracing::warn!(%reason, "refusing writes"),
+                WriteState::Accepting => tracing::info!("accepting writes again"),
+            }
+            *current = state;
+            true
+        });
+    }
+
+    /// Why writes cannot be accepted now, before a group is sequenced: an earlier failure, a
+    /// held group that still cannot be written (retried here first: its checkpoint is signed
+    /// and may be partly on disk, so the ledger may only continue from exactly that state),
+    /// or less free space than `needed` beyond the reserve.
+    fn refusal(&mut self, needed: u64) -> Option<LedgerError> {
+        if let Some(reason) = &self.failed {
+            return Some(LedgerError::Unavailable(reason.clone()));
+        }
+        if let Some((batch, next_state)) = self.limbo.take() {
+            if let Err(error) = self.store.commit(&batch) {
+                tracing::debug!(%error, "the pending group still cannot be written");
+                self.limbo = Some((batch, next_state));
+                return Some(commit_failure(&error));
+            }
+            let size = next_state.checkpoint.size;
+            if let Err(error) = self.publish(batch, next_state) {
+                tracing::debug!(%error, "the pending group is written but still cannot be indexed");
+                return Some(commit_failure(&error));
+            }
+            tracing::info!(
+                tree_size = size,
+                "the pending group is written; accepting appends again"
+            );
+        }
+        let available = self.store.available_bytes()?;
+        let needed = needed + self.options.min_free_bytes;
+        if available >= needed {
+            return None;
+        }
+        tracing::debug!(available, needed, "disk space below the reserve");
+        Some(LedgerError::ResourceExhausted(format!(
+            "the ledger's disk is full ({available} bytes free, {} reserved); nothing was appended: retry, idempotently, once space is freed",
+            self.options.min_free_bytes
+        )))
+    }
+
+    /// Finds out, with no append waiting, whether writes can be accepted (see
+    /// [`Command::Probe`]).
+    fn probe(&mut self) {
+        match self.refusal(0) {
+            Some(error) => self.tell(WriteState::Refused(error.to_string())),
+            None => self.tell(WriteState::Accepting),
         }
     }
 
@@ -211,48 +291,22 @@ impl Writer {
                 let _ = reply.send(Err(error()));
             }
         };
-        if let Some(reason) = &self.failed {
-            let reason = reason.clone();
-            refuse(group, &|| LedgerError::Unavailable(reason.clone()));
+        let needed: u64 = group
+            .iter()
+            .flat_map(|(records, _)| records)
+            .map(|record| (record.content.len() + record.body.len()) as u64 * 4)
+            .sum();
+        if let Some(refusal) = self.refusal(needed) {
+            let message = refusal.to_string();
+            refuse(group, &|| match &refusal {
+                LedgerError::Unavailable(reason) => LedgerError::Unavailable(reason.clone()),
+                LedgerError::ResourceExhausted(reason) => {
+                    LedgerError::ResourceExhausted(reason.clone())
+                }
+                other => LedgerError::Unavailable(other.to_string()),
+            });
+            self.tell(WriteState::Refused(message));
             return;
-        }
-        // A group whose commit failed (disk full, I/O error) is retried, unchanged, before
-        // anything else: its checkpoint is signed and may be partly on disk, so the ledger
-        // may only continue from exactly that state. Until it lands, appends are refused.
-        if let Some((batch, next_state)) = self.limbo.take() {
-            if let Err(error) = self.store.commit(&batch) {
-                tracing::warn!(%error, "the pending group still cannot be written");
-                self.limbo = Some((batch, next_state));
-                refuse(group, &|| commit_failure(&error));
-                return;
-            }
-            tracing::info!(
-                tree_size = next_state.checkpoint.size,
-                "the pending group is written; accepting appends again"
-            );
-            self.publish(&batch, next_state);
-        }
-        if let Some(available) = self.store.available_bytes() {
-            let needed: u64 = group
-                .iter()
-                .flat_map(|(records, _)| records)
-                .map(|record| (record.content.len() + record.body.len()) as u64 * 4)
-                .sum::<u64>()
-                + self.options.min_free_bytes;
-            if available < needed {
-                tracing::warn!(
-                    available,
-                    needed,
-                    "disk space below the reserve; refusing appends"
-                );
-                refuse(group, &|| {
-                    LedgerError::ResourceExhausted(format!(
-                        "the ledger's disk is full ({available} bytes free, {} reserved); nothing was appended: retry, idempotently, once space is freed",
-                        self.options.min_free_bytes
-                    ))
-                });
-                return;
-            }
         }
         match self.sequence(&group) {
             Ok((outcomes, None)) => {
@@ -260,27 +314,40 @@ impl Writer {
                     let _ = reply.send(outcome);
                 }
             }
-            Ok((outcomes, Some((batch, next_state)))) => match self.timed_commit(&batch) {
-                Ok(()) => {
-                    self.publish(&batch, next_state);
-                    for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
-                        let _ = reply.send(outcome);
+            Ok((outcomes, Some((batch, next_state)))) => {
+                let committed = match self.timed_commit(&batch) {
+                    Ok(()) => self.publish(batch, next_state),
+                    Err(error) => {
+                        // Not acknowledged. It may still reach the disk later (when retried),
+                        // so a client's idempotent retry then finds it as a duplicate.
+                        tracing::error!(%error, "group commit failed; holding it for retry");
+                        self.limbo = Some((batch, next_state));
+                        Err(error)
+                    }
+                };
+                match committed {
+                    Ok(()) => {
+                        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                    Err(error) => {
+                        refuse(group, &|| commit_failure(&error));
+                        self.tell(WriteState::Refused(commit_failure(&error).to_string()));
+                        return;
                     }
                 }
-                Err(error) => {
-                    // Not acknowledged. It may still reach the disk later (when retried),
-                    // so a client's idempotent retry then finds it as a duplicate.
-                    tracing::error!(%error, "group commit failed; holding it for retry");
-                    self.limbo = Some((batch, next_state));
-                    refuse(group, &|| commit_failure(&error));
-                }
-            },
+            }
             Err(error) => {
                 tracing::error!(%error, "sequencing failed; refusing further writes");
                 let reason = format!("sequencing failed ({error}); restart the server");
                 self.failed = Some(reason.clone());
                 refuse(group, &|| LedgerError::Unavailable(reason.clone()));
             }
+        }
+        match &self.failed {
+            Some(reason) => self.tell(WriteState::Refused(reason.clone())),
+            None => self.tell(WriteState::Accepting),
         }
     }
 
@@ -295,8 +362,11 @@ impl Writer {
         Ok(())
     }
 
-    /// After a durable commit: index the new entries, then publish the checkpoint.
-    fn publish(&mut self, batch: &CommitBatch, next_state: WriterState) {
+    /// After a durable commit: index the new entries, then publish the checkpoint. When the
+    /// indexes have no room for them (their runs cannot be written), nothing is published:
+    /// the group is held, like one whose commit failed, and published once a retry indexes
+    /// it — so that readers never see entries whose facts are not indexed.
+    fn publish(&mut self, batch: CommitBatch, next_state: WriterState) -> Result<(), StorageError> {
         // Derived indexes follow the durable commit and precede publication, so a reader
         // bounded by the published size finds them complete.
         if let Some(indexer) = self.indexer.as_mut() {
@@ -305,11 +375,19 @@ impl Writer {
                 .iter()
                 .map(|entry| (entry.index, entry.leaf.as_slice()))
                 .collect();
-            if let Err(error) = indexer.index(&entries) {
-                // The entries are durable: acknowledge them, but write no more until a
-                // restart re-derives the indexes from the ledger.
-                tracing::error!(%error, "indexing failed; refusing further writes");
-                self.failed = Some(format!("indexing failed ({error}); restart the server"));
+            match indexer.index(&entries) {
+                Ok(()) => {}
+                Err(error @ StorageError::NoSpace(_)) => {
+                    tracing::warn!(%error, "no space to index a committed group; holding it for retry");
+                    self.limbo = Some((batch, next_state));
+                    return Err(error);
+                }
+                Err(error) => {
+                    // The entries are durable: acknowledge them, but write no more until a
+                    // restart re-derives the indexes from the ledger.
+                    tracing::error!(%error, "indexing failed; refusing further writes");
+                    self.failed = Some(format!("indexing failed ({error}); restart the server"));
+                }
             }
         }
         self.published
@@ -318,6 +396,7 @@ impl Writer {
         tracing::debug!(tree_size = next_state.checkpoint.size, "group committed");
         metrics::gauge!(crate::telemetry::names::TREE_SIZE).set(next_state.checkpoint.size as f64);
         self.state = next_state;
+        Ok(())
     }
 
     /// Decides every request of the group and builds the batch that makes the group's new
@@ -448,7 +527,8 @@ impl Writer {
             return Ok((outcomes, None));
         }
         debug_assert_eq!(frontier.size(), size);
-        let checkpoint = self.signer.sign(size, frontier.root())?;
+        let anchor = self.trail.as_ref().map(|trail| trail.durable_head());
+        let checkpoint = self.signer.sign_anchoring(size, frontier.root(), anchor)?;
         batch.checkpoint = Some((size, checkpoint.note.clone().into_bytes()));
         let next_state = WriterState {
             checkpoint,

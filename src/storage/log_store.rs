@@ -4,7 +4,7 @@
 //! and the compliance indexes, are [`RunIndex`]es (sorted run files), which take a key for
 //! the price of a `BTreeMap` insert where sled took a page-cache walk and a node copy (and,
 //! per group commit, woke sled's I/O threads: 18 % of the CPU under unary load). sled keeps
-//! the layout version and, in `derived/`, the access log.
+//! the layout version (and, in `derived/`, what the access log was before `access.log`).
 //!
 //! Why: a sled flush costs 1–2 ms and sled's own ceiling on this machine is 31,600 entries/s
 //! for the all-in-sled layout (docs/BENCHMARKS.md); one sequential write and one
@@ -35,7 +35,7 @@
 //! - sled: the layout version (`m/layout`).
 //! - `index/` and `facts/`: the compliance indexes ([`crate::compliance::index`]), the
 //!   communication lists and the fact lists, each a [`RunIndex`]; `derived/`: a sled
-//!   database for the access log.
+//!   database that held the access log before its file (`access.log`, [`super::AccessFile`]).
 //!
 //! So an acknowledged group is durable once, in one file, and everything else is rebuilt
 //! from that file.
@@ -60,7 +60,7 @@ use crate::ledger::merkle::{HASH_SIZE, Hash};
 /// File names inside the store directory.
 pub const LOG_FILE: &str = "ledger.log";
 pub const INDEX_FILE: &str = "ledger.idx";
-/// The sled database of the access log, inside the store directory.
+/// The sled database that held the access log before its file, inside the store directory.
 pub const DERIVED_DIR: &str = "derived";
 /// The idempotency keys' run index, inside the store directory.
 pub const KEYS_DIR: &str = "keys";
@@ -179,7 +179,7 @@ fn looks_unfinished(frame: &[u8], start: u64) -> bool {
 
 pub struct LogStore {
     db: sled::Db,
-    /// A second sled database for the access log.
+    /// A second sled database, which held the access log before its file.
     derived: sled::Db,
     /// Idempotency keys, derived from the frames.
     keys: RunIndex,
@@ -355,7 +355,8 @@ impl LogStore {
     /// completed from the log, a torn last frame is cut off, and `keys/` is brought up to the
     /// log's end.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StorageError> {
-        // sled holds only the layout version here, and the access log beside.
+        // sled holds only the layout version here; `derived/` what the access log was before
+        // its file (moved at open: nothing is written there any more).
         let db = open_sled(dir, 1 << 20, Some(1000))?;
         let derived = open_sled(&dir.join(DERIVED_DIR), cache_bytes / 4, Some(1000))?;
         let keys = RunIndex::open(&dir.join(KEYS_DIR), RunOptions::default())?;
@@ -435,8 +436,9 @@ impl LogStore {
         self.facts.clone()
     }
 
-    /// The access log's space (sled tree).
-    pub fn access_log(&self) -> Result<SledIndex, StorageError> {
+    /// The sled tree the access log was kept in before it had a file of its own
+    /// ([`super::AccessFile`]): read once, at open, to move its records.
+    pub fn legacy_access_tree(&self) -> Result<SledIndex, StorageError> {
         SledIndex::open(&self.derived, super::sled_store::ACCESS_TREE)
     }
 
@@ -1022,7 +1024,7 @@ impl Drop for LogStore {
             tracing::warn!(%error, "sled flush at close failed");
         }
         if let Err(error) = self.derived.flush() {
-            tracing::warn!(%error, "sled flush of the access log at close failed");
+            tracing::warn!(%error, "sled flush of derived/ at close failed");
         }
     }
 }

@@ -5,12 +5,14 @@
 //! hashing, chaining and signing all happen in the ledger core, so every backend holds
 //! exactly the same bytes and a ledger verifies the same way whatever it is stored in.
 
+pub mod access_file;
 mod log_space;
 pub mod log_store;
 pub mod run_index;
 pub mod sled_store;
 mod table_key;
 
+pub use access_file::AccessFile;
 pub use log_store::LogStore;
 pub use run_index::{Filter, RunIndex, RunOptions};
 pub use sled_store::{SledIndex, SledStore};
@@ -43,7 +45,7 @@ impl std::str::FromStr for StorageKind {
     }
 }
 
-/// An opened store with its spaces for derived indexes and the access log's sled tree.
+/// An opened store with its spaces for derived indexes and the access log's file.
 pub struct OpenedStore {
     pub store: Arc<dyn Store>,
     /// The communication lists (four keys per communication: the bulk of derived data).
@@ -51,7 +53,8 @@ pub struct OpenedStore {
     /// The fact lists, apart: every verdict reads them, and they stay small and quick to
     /// search when the communications' keys are not among them.
     pub facts: Arc<dyn IndexStore>,
-    pub access: SledIndex,
+    /// The access log's records (`access.log`, whichever the backend).
+    pub access: AccessFile,
     pub kind: StorageKind,
 }
 
@@ -75,7 +78,7 @@ pub fn open_store(
             OpenedStore {
                 index: Arc::new(store.index()?),
                 facts: Arc::new(store.facts()?),
-                access: store.access_log()?,
+                access: open_access_file(dir, &store.legacy_access_tree()?)?,
                 store: Arc::new(store),
                 kind,
             }
@@ -85,12 +88,39 @@ pub fn open_store(
             OpenedStore {
                 index: store.index(),
                 facts: store.facts(),
-                access: store.access_log()?,
+                access: open_access_file(dir, &store.legacy_access_tree()?)?,
                 store: Arc::new(store),
                 kind,
             }
         }
     })
+}
+
+/// Opens the access log's file in `dir`. A store that kept its access log in a sled tree
+/// (`legacy`: before the file) has the records moved first: copied into a new file made
+/// durable in one step, then removed from the tree — so an interrupted move is made again,
+/// or only its removal is.
+fn open_access_file(dir: &Path, legacy: &SledIndex) -> Result<AccessFile, StorageError> {
+    let path = dir.join(access_file::ACCESS_FILE);
+    if !legacy.range(&[], &[0xff; 9], 1)?.is_empty() {
+        if !path.exists() {
+            let mut records = Vec::new();
+            let mut from = Vec::new();
+            loop {
+                let chunk = legacy.range(&from, &[0xff; 9], 65_536)?;
+                let Some((last, _)) = chunk.last() else {
+                    break;
+                };
+                from = [last.as_slice(), &[0]].concat();
+                records.extend(chunk.into_iter().map(|(_, record)| record));
+            }
+            AccessFile::create_with(&path, records)?;
+            tracing::info!(path = %path.display(), "access log moved out of sled into a file of its own");
+        }
+        legacy.clear()?;
+        legacy.flush()?;
+    }
+    AccessFile::open(&path)
 }
 
 /// Everything one group commit writes. [`Store::commit`] applies it all or nothing and
@@ -332,4 +362,66 @@ pub trait IndexStore: Send + Sync + 'static {
     /// Starts making every write so far durable, without waiting for it (an owner that
     /// bounds how much it would re-derive after a crash calls this now and then).
     fn seal(&self) -> Result<(), StorageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `open` until sled's lock of a database just dropped in this process is free.
+    fn retrying<T>(mut open: impl FnMut() -> Result<T, StorageError>) -> T {
+        for _ in 0..200 {
+            match open() {
+                Err(error) if error.to_string().contains("in use") => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the store stays locked");
+    }
+
+    /// An access log kept in sled (before its file) is moved into the file at the first
+    /// open, for either backend, and the tree emptied.
+    #[test]
+    fn an_access_log_kept_in_sled_moves_into_its_file() {
+        for kind in [StorageKind::Log, StorageKind::Sled] {
+            let dir = tempfile::tempdir().unwrap();
+            let records: Vec<Vec<u8>> = (0..5u8).map(|n| vec![n + 1; 20]).collect();
+            let legacy = |dir: &Path| -> Result<(SledIndex, Box<dyn std::any::Any>), StorageError> {
+                Ok(match kind {
+                    StorageKind::Log => {
+                        let store = LogStore::open(dir, 1 << 20)?;
+                        (store.legacy_access_tree()?, Box::new(store))
+                    }
+                    StorageKind::Sled => {
+                        let store = SledStore::open(dir, 1 << 20)?;
+                        (store.legacy_access_tree()?, Box::new(store))
+                    }
+                })
+            };
+            {
+                let (tree, _store) = retrying(|| legacy(dir.path()));
+                let writes = records
+                    .iter()
+                    .enumerate()
+                    .map(|(n, record)| ((n as u64).to_be_bytes().to_vec(), Some(record.clone())))
+                    .collect();
+                tree.apply(writes).unwrap();
+                tree.flush().unwrap();
+            }
+            let path = dir.path().join(access_file::ACCESS_FILE);
+            assert!(!path.exists());
+            let opened = retrying(|| open_store(dir.path(), StorageKind::default(), 1 << 20));
+            assert_eq!(opened.kind, kind);
+            assert_eq!(opened.access.read(0, 100).unwrap(), records, "{kind:?}");
+            drop(opened);
+            let (tree, _store) = retrying(|| legacy(dir.path()));
+            assert!(
+                tree.range(&[], &[0xff; 9], 1).unwrap().is_empty(),
+                "{kind:?}"
+            );
+            assert_eq!(AccessFile::open(&path).unwrap().count(), 5);
+        }
+    }
 }

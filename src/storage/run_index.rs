@@ -601,8 +601,13 @@ struct Shared {
     manifest: Mutex<()>,
     next_seq: AtomicU64,
     stop: AtomicBool,
-    /// Set when a background write fails: `apply` refuses from then on (reads go on).
+    /// Set when a background write fails for a reason other than space: `apply` refuses
+    /// from then on (reads go on).
     failure: Mutex<Option<String>>,
+    /// Set while the flusher cannot write a run for lack of space; it tries again, and
+    /// clears this once a run is written. Meanwhile `apply` takes what fits in memory and
+    /// refuses (`NoSpace`) only what would have to wait for the flusher.
+    out_of_space: Mutex<Option<String>>,
 }
 
 /// An ordered, insert-mostly key-value space for derived data: an in-memory table and
@@ -654,22 +659,15 @@ impl RunIndex {
             next_seq: AtomicU64::new(next_seq),
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
+            out_of_space: Mutex::new(None),
         });
-        let spawn = |name: &str, work: fn(&Shared) -> Result<(), StorageError>| {
+        let spawn = |name: &str, work: Work, flusher: bool| {
             let shared = shared.clone();
-            crate::background::spawn(name, move || {
-                if let Err(error) = work(&shared) {
-                    let dir = shared.dir.display();
-                    tracing::error!(%error, %dir, "index run writing failed");
-                    *shared.failure.lock().expect("failure lock") = Some(error.to_string());
-                    shared.changed.notify_all();
-                }
-            })
-            .map_err(io)
+            crate::background::spawn(name, move || keep_working(&shared, work, flusher)).map_err(io)
         };
         let threads = vec![
-            spawn("index-flusher", flush_loop)?,
-            spawn("index-merger", merge_loop)?,
+            spawn("index-flusher", flush_loop, true)?,
+            spawn("index-merger", merge_loop, false)?,
         ];
         Ok(RunIndex {
             shared,
@@ -717,6 +715,11 @@ impl RunIndex {
     ) -> Result<std::sync::MutexGuard<'a, Version>, StorageError> {
         while version.memtables.len() > most {
             self.check_failure()?;
+            if let Some(reason) = self.shared.out_of_space.lock().expect("space lock").clone() {
+                return Err(StorageError::NoSpace(format!(
+                    "index runs cannot be written until space is freed: {reason}"
+                )));
+            }
             version = self
                 .shared
                 .changed
@@ -1172,6 +1175,77 @@ fn write_manifest(dir: &Path, runs: &[u64]) -> Result<(), StorageError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
+/// A background thread's work: returns when stopped, or with the error that stopped it.
+type Work = fn(&Shared) -> Result<(), StorageError>;
+
+/// Runs `work` until it is stopped. A lack of space is waited out — the work is taken up
+/// again, a little later each time (up to every 2 s), from what is still in memory and
+/// in the live runs: a full disk must not stop the index for good when another process
+/// may free it a minute later. With `flusher`, [`Shared::out_of_space`] says so
+/// meanwhile. Any other failure stops the work: `apply` refuses from then on.
+fn keep_working(shared: &Shared, work: Work, flusher: bool) {
+    let dir = shared.dir.display();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let reason = match work(shared) {
+            Ok(()) => return,
+            Err(StorageError::NoSpace(reason)) => reason,
+            Err(error) => {
+                tracing::error!(%error, %dir, "index run writing failed");
+                *shared.failure.lock().expect("failure lock") = Some(error.to_string());
+                shared.changed.notify_all();
+                return;
+            }
+        };
+        if flusher {
+            // Told once per spell: the flusher clears it when a run is written again.
+            let mut out_of_space = shared.out_of_space.lock().expect("space lock");
+            if out_of_space.is_none() {
+                tracing::warn!(%reason, %dir, "no space to write index runs; trying again until there is");
+            }
+            *out_of_space = Some(reason);
+        } else {
+            tracing::debug!(%reason, %dir, "index runs not merged for lack of space; trying again later");
+        }
+        let version = shared.version.lock().expect("version lock");
+        shared.changed.notify_all();
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        drop(
+            shared
+                .changed
+                .wait_timeout(version, pause)
+                .expect("version lock"),
+        );
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+    }
+}
+
+/// Writes the run numbered `seq` with what `fill` pushes into it (`fill` answers false when
+/// it gave up: stopped). A run not written whole is removed: a partial file would hold
+/// disk space until the next open.
+fn write_run(
+    shared: &Shared,
+    seq: u64,
+    expected_keys: usize,
+    fill: impl FnOnce(&mut RunWriter) -> Result<bool, StorageError>,
+) -> Result<Option<Run>, StorageError> {
+    let written = RunWriter::create(&shared.dir, seq, expected_keys, &shared.options).and_then(
+        |mut writer| {
+            if fill(&mut writer)? {
+                writer.finish(seq).map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+    );
+    if !matches!(written, Ok(Some(_))) {
+        remove_run(&run_path(&shared.dir, seq));
+    }
+    written
+}
+
 /// The flusher: writes the oldest frozen table out as the newest run, until stopped with
 /// nothing left to write.
 fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
@@ -1189,13 +1263,17 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
             }
         };
         let seq = shared.next_seq.fetch_add(1, Ordering::AcqRel);
-        let run = {
+        let written = {
             let map = table.map.read().expect("memtable lock");
-            let mut writer = RunWriter::create(&shared.dir, seq, map.len(), &shared.options)?;
-            for (key, value) in map.iter() {
-                writer.push(key.as_bytes(), value.as_deref())?;
-            }
-            Arc::new(writer.finish(seq)?)
+            write_run(shared, seq, map.len(), |writer| {
+                for (key, value) in map.iter() {
+                    writer.push(key.as_bytes(), value.as_deref())?;
+                }
+                Ok(true)
+            })?
+        };
+        let Some(run) = written.map(Arc::new) else {
+            continue;
         };
         let _manifest = shared.manifest.lock().expect("manifest lock");
         let current = shared.version.lock().expect("version lock").clone();
@@ -1210,7 +1288,11 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
         }
         let mut seqs = vec![seq];
         seqs.extend(current.runs.iter().map(|run| run.seq));
-        write_manifest(&shared.dir, &seqs)?;
+        if let Err(error) = write_manifest(&shared.dir, &seqs) {
+            remove_run(&run.path);
+            return Err(error);
+        }
+        *shared.out_of_space.lock().expect("space lock") = None;
         let mut version = shared.version.lock().expect("version lock");
         version.memtables.pop();
         version.runs.insert(0, run);
@@ -1271,31 +1353,39 @@ fn merge_loop(shared: &Shared) -> Result<(), StorageError> {
         };
         let seq = shared.next_seq.fetch_add(1, Ordering::AcqRel);
         let expected = picked.iter().map(|run| run.entries as usize).sum();
-        let mut writer = RunWriter::create(&shared.dir, seq, expected, &shared.options)?;
-        let mut merge = Merge {
-            cursors: picked
-                .iter()
-                .map(|run| Cursor::run(run.clone(), &[], None))
-                .collect::<Result<_, _>>()?,
-            end: None,
-            keep_removed: !oldest_included,
-        };
-        let mut stopped = false;
-        let mut count = 0u64;
-        while let Some((key, value)) = merge.next()? {
-            writer.push(&key, value.as_deref())?;
-            count += 1;
-            if count % 4096 == 0 && shared.stop.load(Ordering::Acquire) {
-                stopped = true;
-                break;
+        // A merge is never needed to go on (reads meet a few more runs meanwhile): one that
+        // would not fit is not begun, rather than take the last free bytes from the log.
+        let needed: u64 = picked.iter().map(|run| run.bytes).sum();
+        if let Ok(free) = fs2::available_space(&shared.dir)
+            && free < needed
+        {
+            return Err(StorageError::NoSpace(format!(
+                "merging index runs needs {needed} bytes, {free} are free"
+            )));
+        }
+        let written = write_run(shared, seq, expected, |writer| {
+            let mut merge = Merge {
+                cursors: picked
+                    .iter()
+                    .map(|run| Cursor::run(run.clone(), &[], None))
+                    .collect::<Result<_, _>>()?,
+                end: None,
+                keep_removed: !oldest_included,
+            };
+            let mut count = 0u64;
+            while let Some((key, value)) = merge.next()? {
+                writer.push(&key, value.as_deref())?;
+                count += 1;
+                if count % 4096 == 0 && shared.stop.load(Ordering::Acquire) {
+                    return Ok(false);
+                }
             }
-        }
-        if stopped {
-            drop(writer);
-            remove_run(&run_path(&shared.dir, seq));
+            Ok(true)
+        })?;
+        let Some(run) = written.map(Arc::new) else {
+            // Stopped.
             return Ok(());
-        }
-        let run = Arc::new(writer.finish(seq)?);
+        };
         let _manifest = shared.manifest.lock().expect("manifest lock");
         let current = shared.version.lock().expect("version lock").clone();
         let Some(at) = current
@@ -1317,7 +1407,10 @@ fn merge_loop(shared: &Shared) -> Result<(), StorageError> {
         let mut runs = current.runs.clone();
         runs.splice(at..at + picked.len(), [run]);
         let seqs: Vec<u64> = runs.iter().map(|run| run.seq).collect();
-        write_manifest(&shared.dir, &seqs)?;
+        if let Err(error) = write_manifest(&shared.dir, &seqs) {
+            remove_run(&run_path(&shared.dir, seq));
+            return Err(error);
+        }
         shared.version.lock().expect("version lock").runs = runs;
         shared.changed.notify_all();
         for old in &picked {

@@ -32,10 +32,10 @@ pub(super) const INDEX_TREE: &[u8] = b"index";
 /// Name of the sled tree holding the fact lists.
 pub(super) const FACTS_TREE: &[u8] = b"facts";
 
-/// Name of the sled tree holding the access log.
+/// Name of the sled tree that held the access log before its file.
 pub(super) const ACCESS_TREE: &[u8] = b"access";
 
-/// [`IndexStore`] on a sled tree (derived indexes, the access log).
+/// [`IndexStore`] on a sled tree (derived indexes).
 pub struct SledIndex {
     tree: sled::Tree,
 }
@@ -230,8 +230,9 @@ impl SledStore {
         SledIndex::open(&self.db, FACTS_TREE)
     }
 
-    /// The access log's space, another sled tree.
-    pub fn access_log(&self) -> Result<SledIndex, StorageError> {
+    /// The sled tree the access log was kept in before it had a file of its own
+    /// ([`super::AccessFile`]): read once, at open, to move its records.
+    pub fn legacy_access_tree(&self) -> Result<SledIndex, StorageError> {
         SledIndex::open(&self.db, ACCESS_TREE)
     }
 

@@ -14,6 +14,8 @@ use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
 use audit_ledger::proto::{Communication, Topic};
 use audit_ledger::server::Server;
 use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
 pub type Client = LedgerServiceClient<Channel>;
@@ -193,6 +195,39 @@ impl ChildServer {
         }
         panic!("server did not stop on SIGTERM");
     }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// `audit-ledger token add NAME --role ROLE [--senders …]`: the new principal's token.
+pub fn token_add(auth_file: &Path, name: &str, role: &str, senders: Option<&str>) -> String {
+    let mut command = Command::new(binary());
+    command
+        .args(["token", "add", name, "--role", role, "--auth-file"])
+        .arg(auth_file);
+    if let Some(senders) = senders {
+        command.args(["--senders", senders]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    // The token is alone on the last line.
+    stdout.lines().last().unwrap().to_owned()
 }
 
 /// A loopback port that was free a moment ago.
