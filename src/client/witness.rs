@@ -91,10 +91,18 @@ async fn check_every_entry(
             .map_err(|status| call_error("ListEntries", status))?
             .into_inner();
         while let Some(item) = stream.next().await {
-            let entry = item
-                .map_err(|status| call_error("ListEntries", status))?
-                .entry
-                .unwrap_or_default();
+            let entry = match item {
+                Ok(response) => response.entry.unwrap_or_default(),
+                // The server found the entry damaged itself (it checks what it serves): a
+                // verdict on the ledger, not a failure to ask.
+                Err(status) if status.code() == tonic::Code::DataLoss => {
+                    return Ok(Err(format!(
+                        "the server reports damage: {}",
+                        status.message()
+                    )));
+                }
+                Err(status) => return Err(call_error("ListEntries", status)),
+            };
             let index = frontier.size();
             if entry.index != index {
                 return Ok(Err(format!(
