@@ -12,7 +12,9 @@ use audit_ledger::proto::AppendBatchRequest;
 use audit_ledger::server::STORE_DIR_NAME;
 use audit_ledger::storage::log_store::{INDEX_FILE, KEYS_DIR, LOG_FILE};
 use audit_ledger::storage::{LogStore, StorageKind};
-use common::{ChildServer, TestServer, binary, communication, connect, open_retrying, run_verify};
+use common::{
+    ChildServer, TestServer, binary, communication, connect, open_retrying, run_binary, run_verify,
+};
 
 /// A server on a log store (these tests alter `ledger.log`), whatever the suite's backend.
 async fn log_server(dir: &Path) -> TestServer {
@@ -65,19 +67,13 @@ fn open_log_store(dir: &Path) -> LogStore {
 
 /// `audit-ledger serve` on `dir` that must refuse to start: its stderr.
 fn refused_start(dir: &Path) -> String {
-    let output = open_retrying(|| {
-        let output = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        if stderr.contains("in use") {
-            return Err(stderr);
-        }
-        Ok(output)
-    })
-    .unwrap();
+    let output = run_binary(&[
+        "serve".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        dir.as_os_str(),
+    ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success(), "the server started: {stdout}");
     assert!(!stdout.contains("listening on"), "{stdout}");
@@ -97,25 +93,17 @@ fn cut_log(dir: &Path, at_entry: u64, confirm: bool) -> Output {
     command.output().unwrap()
 }
 
-/// Runs `audit-ledger verify`: (exit code, stdout).
+/// Runs `audit-ledger verify`: (exit code, stdout and stderr).
 fn verify_exit(dir: &Path) -> (i32, String) {
-    open_retrying(|| {
-        let output = Command::new(binary())
-            .arg("verify")
-            .arg("--data-dir")
-            .arg(dir)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        if stderr.contains("in use") {
-            return Err(stderr);
-        }
-        Ok((
-            output.status.code().unwrap_or(-1),
-            format!("{}{stderr}", String::from_utf8_lossy(&output.stdout)),
-        ))
-    })
-    .unwrap()
+    let output = run_binary(&["verify".as_ref(), "--data-dir".as_ref(), dir.as_os_str()]);
+    (
+        output.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

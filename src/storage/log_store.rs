@@ -467,19 +467,29 @@ impl LogStore {
     /// `None` when that offset does not lead to it.
     fn frame_vouched(&self, index: u64, log_len: u64) -> Result<Option<Frame>, StorageError> {
         let offset = self.offset(index)?;
+        let Some(header) = self.header_naming(index, offset, log_len)? else {
+            return Ok(None);
+        };
+        Ok(read_frame(&self.log, u64_at(&header, 8), log_len)?
+            .filter(|frame| frame.entry_offsets.contains(&offset)))
+    }
+
+    /// The entry record header at `offset`, when it lies below `log_end` and names `index`.
+    fn header_naming(
+        &self,
+        index: u64,
+        offset: u64,
+        log_end: u64,
+    ) -> Result<Option<[u8; ENTRY_HEADER]>, StorageError> {
         if offset
             .checked_add(ENTRY_HEADER as u64)
-            .is_none_or(|end| end > log_len)
+            .is_none_or(|end| end > log_end)
         {
             return Ok(None);
         }
         let mut header = [0u8; ENTRY_HEADER];
         self.log.read_exact_at(&mut header, offset).map_err(io)?;
-        if u64_at(&header, 0) != index {
-            return Ok(None);
-        }
-        Ok(read_frame(&self.log, u64_at(&header, 8), log_len)?
-            .filter(|frame| frame.entry_offsets.contains(&offset)))
+        Ok((u64_at(&header, 0) == index).then_some(header))
     }
 
     /// Entry `index`'s offset, from the index file, checked: when the record there does
@@ -487,23 +497,12 @@ impl LogStore {
     /// are derived again from the frames ([`LogStore::repair_offsets`]).
     fn located(&self, index: u64) -> Result<(u64, [u8; ENTRY_HEADER]), StorageError> {
         let log_end = self.log_end.load(Ordering::Acquire);
-        let read = |offset: u64| -> Result<Option<[u8; ENTRY_HEADER]>, StorageError> {
-            if offset
-                .checked_add(ENTRY_HEADER as u64)
-                .is_none_or(|end| end > log_end)
-            {
-                return Ok(None);
-            }
-            let mut header = [0u8; ENTRY_HEADER];
-            self.log.read_exact_at(&mut header, offset).map_err(io)?;
-            Ok((u64_at(&header, 0) == index).then_some(header))
-        };
         let offset = self.offset(index)?;
-        if let Some(header) = read(offset)? {
+        if let Some(header) = self.header_naming(index, offset, log_end)? {
             return Ok((offset, header));
         }
         let offset = self.repair_offsets(index)?;
-        let header = read(offset)?.ok_or_else(|| {
+        let header = self.header_naming(index, offset, log_end)?.ok_or_else(|| {
             damaged(
                 index,
                 format!("entry {index}: its record in the frame that holds it names another index"),

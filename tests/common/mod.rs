@@ -300,27 +300,31 @@ pub async fn checkpoint(client: &mut Client) -> audit_ledger::proto::Checkpoint 
         .unwrap()
 }
 
-/// Runs `audit-ledger verify` on a stopped ledger: (success, stdout). Run again while the
-/// store is "in use": a store this process altered and just closed keeps sled's lock for a
-/// moment (see [`open_retrying`]), and a verify that found it locked once failed a test.
-pub fn run_verify(data_dir: &Path) -> (bool, String) {
-    let verify = || {
-        let output = Command::new(binary())
-            .arg("verify")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        if stderr.contains("in use") {
-            return Err(stderr);
+/// Runs the binary with `args` to its end. Run again while the store is "in use": a store
+/// this process altered and just closed keeps sled's lock for a moment (see
+/// [`open_retrying`]), and a command that found it locked once failed a test.
+pub fn run_binary(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let run = || {
+        let output = Command::new(binary()).args(args).output().unwrap();
+        if String::from_utf8_lossy(&output.stderr).contains("in use") {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
-        Ok((
-            output.status.success(),
-            String::from_utf8(output.stdout).unwrap(),
-        ))
+        Ok(output)
     };
-    open_retrying(verify).expect("the store is released")
+    open_retrying(run).expect("the store is released")
+}
+
+/// Runs `audit-ledger verify` on a stopped ledger: (success, stdout).
+pub fn run_verify(data_dir: &Path) -> (bool, String) {
+    let output = run_binary(&[
+        "verify".as_ref(),
+        "--data-dir".as_ref(),
+        data_dir.as_os_str(),
+    ]);
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+    )
 }
 
 pub fn hash32(bytes: &[u8]) -> rfc9162::Hash {
