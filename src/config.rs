@@ -72,8 +72,15 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
-    /// A call that takes longer is cancelled.
+    /// A call whose response has not started after this long is cancelled: all of a unary
+    /// call, the setup of a stream. It never ends a stream that is sending: that is
+    /// `stream_idle_timeout`'s, so a slow reader of a long export is not cut.
     pub request_timeout: std::time::Duration,
+    /// A response (a stream's or a unary call's) of which the client has taken nothing for
+    /// this long, while the server had data for it, is reset (`RST_STREAM`, the client sees
+    /// `CANCELLED`): a client that stops reading does not hold memory and a place forever.
+    /// "Taken" is what HTTP/2 flow control shows: the client's window reopening.
+    pub stream_idle_timeout: std::time::Duration,
     /// Page sizes and scan budgets of the compliance listings.
     pub query_limits: crate::compliance::QueryLimits,
     /// How long a shutdown waits for in-flight calls before closing connections.
@@ -116,6 +123,7 @@ impl ServerConfig {
             max_in_flight: 1024,
             max_concurrent_streams: 256,
             request_timeout: std::time::Duration::from_secs(30),
+            stream_idle_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

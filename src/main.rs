@@ -382,9 +382,17 @@ struct ServeArgs {
         default_value_t = 256
     )]
     max_concurrent_streams: u32,
-    /// Seconds after which a call is cancelled.
+    /// Seconds after which a call whose response has not started is cancelled (a stream
+    /// that is sending is never cut by it).
     #[arg(long, env = "AUDIT_LEDGER_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     request_timeout_secs: u64,
+    /// Seconds a response may wait for a client that takes none of it before it is reset.
+    #[arg(
+        long,
+        env = "AUDIT_LEDGER_STREAM_IDLE_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    stream_idle_timeout_secs: u64,
     /// Serve Prometheus metrics on http://ADDR/metrics [default: off].
     #[arg(long, env = "AUDIT_LEDGER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -667,6 +675,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_in_flight = args.max_in_flight;
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.request_timeout = std::time::Duration::from_secs(args.request_timeout_secs.max(1));
+    config.stream_idle_timeout =
+        std::time::Duration::from_secs(args.stream_idle_timeout_secs.max(1));
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let metrics_listen = args.metrics_listen;
     runtime.block_on(async move {

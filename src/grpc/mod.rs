@@ -8,6 +8,7 @@ mod ledger_service;
 pub mod metrics;
 pub mod middleware;
 pub mod status;
+pub mod transport;
 
 pub use access::AccessLogApi;
 pub use compliance_service::ComplianceApi;
