@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// Requests in flight at once, over all connections; beyond it calls are answered
     /// `RESOURCE_EXHAUSTED` at once (load shedding), not queued.
     pub max_in_flight: usize,
+    /// Server-streaming calls (`ListEntries`) open at once, over all connections; beyond it
+    /// a new one is answered `RESOURCE_EXHAUSTED` at once. A stream holds its place from
+    /// the moment it is admitted until its response ends, fails or is reset, because its
+    /// cost (a reader and up to one message in buffers) lasts as long as the stream, not
+    /// only while the handler runs.
+    pub max_streams: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// A call whose response has not started after this long is cancelled: all of a unary
@@ -121,6 +127,7 @@ impl ServerConfig {
             tls: None,
             insecure: false,
             max_in_flight: 1024,
+            max_streams: 128,
             max_concurrent_streams: 256,
             request_timeout: std::time::Duration::from_secs(30),
             stream_idle_timeout: std::time::Duration::from_secs(30),

@@ -375,6 +375,10 @@ struct ServeArgs {
     /// Requests in flight at once before new ones are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "AUDIT_LEDGER_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
+    /// Server-streaming calls (ListEntries) open at once before new ones are refused with
+    /// RESOURCE_EXHAUSTED; a stream holds its place until it ends.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_STREAMS", default_value_t = 128)]
+    max_streams: usize,
     /// Concurrent HTTP/2 streams per connection.
     #[arg(
         long,
@@ -673,6 +677,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     config.insecure = args.insecure;
     config.max_in_flight = args.max_in_flight;
+    config.max_streams = args.max_streams;
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.request_timeout = std::time::Duration::from_secs(args.request_timeout_secs.max(1));
     config.stream_idle_timeout =

@@ -13,7 +13,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::auth::Authenticator;
 use crate::grpc::metrics::MetricsLayer;
-use crate::grpc::middleware::GateLayer;
+use crate::grpc::middleware::{GateLayer, GateLimits};
 use crate::grpc::transport::{self, DeadlineLayer};
 
 use crate::access_log::AccessLog;
@@ -285,7 +285,11 @@ impl Server {
             .layer(DeadlineLayer::new(self.config.request_timeout))
             .layer(GateLayer::new(
                 self.authenticator.clone(),
-                self.config.max_in_flight,
+                GateLimits {
+                    max_in_flight: self.config.max_in_flight,
+                    max_streams: self.config.max_streams,
+                },
+                &descriptors,
             ))
             .service(routes);
         let stop = Arc::new(tokio::sync::Notify::new());
