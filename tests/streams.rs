@@ -37,6 +37,18 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     config
 }
 
+/// A populated server that admits one stream at a time and resets a response after 1 s
+/// without a read, and a [`reader`] of it.
+async fn one_stream_idle_for_a_second(dir: &std::path::Path) -> (TestServer, Client) {
+    let mut config = config(dir);
+    config.max_streams = 1;
+    config.stream_idle_timeout = Duration::from_secs(1);
+    let server = TestServer::start_with(config).await;
+    populate(&server.address).await;
+    let client = reader(&server.address).await;
+    (server, client)
+}
+
 /// A client whose streams get a window of [`WINDOW`] bytes.
 async fn reader(address: &str) -> Client {
     let channel = Channel::from_shared(format!("http://{address}"))
@@ -168,12 +180,7 @@ async fn a_stream_beyond_the_limit_is_refused_at_once_until_one_ends() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_whose_client_stops_reading_is_reset_after_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
-    config.max_streams = 1;
-    config.stream_idle_timeout = Duration::from_secs(1);
-    let server = TestServer::start_with(config).await;
-    populate(&server.address).await;
-    let mut client = reader(&server.address).await;
+    let (server, mut client) = one_stream_idle_for_a_second(dir.path()).await;
 
     let mut stalled = open(&mut client).await.expect("stream");
     let first = stalled
@@ -211,12 +218,7 @@ async fn a_stream_whose_client_stops_reading_is_reset_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_read_slowly_but_steadily_outlives_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
-    config.max_streams = 1;
-    config.stream_idle_timeout = Duration::from_secs(1);
-    let server = TestServer::start_with(config).await;
-    populate(&server.address).await;
-    let mut client = reader(&server.address).await;
+    let (server, mut client) = one_stream_idle_for_a_second(dir.path()).await;
 
     // One entry every 150 ms: six seconds in all, six idle timeouts, and never idle.
     let mut stream = open(&mut client).await.expect("stream");

@@ -61,21 +61,40 @@ pub struct Settings {
     pub idle_timeout: Duration,
 }
 
+/// What a connection serves: the services behind their layers, one clone per call.
+pub trait Calls:
+    Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Calls for S where
+    S: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Accepts connections on `listener` and serves `service` on each until `shutdown`
 /// completes; then asks every connection to finish its calls (HTTP/2 `GOAWAY`) and
 /// returns when all have closed. Dropping the returned future closes them at once.
-pub async fn serve<S>(
+pub async fn serve(
     listener: TcpListener,
-    service: S,
+    service: impl Calls,
     settings: Settings,
     shutdown: impl Future<Output = ()>,
-) where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     let mut http2 =
         hyper::server::conn::http2::Builder::new(CallExecutor::new(settings.idle_timeout));
     http2
@@ -129,19 +148,13 @@ type Http2 = hyper::server::conn::http2::Builder<CallExecutor>;
 
 /// One connection: the TLS handshake if configured, then HTTP/2 until the peer leaves or
 /// the server closes.
-async fn connection<S>(
+async fn connection(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
     http2: Arc<Http2>,
-    service: S,
+    service: impl Calls,
     closing: watch::Receiver<bool>,
-) where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     // Responses go out as several small HTTP/2 frames: without TCP_NODELAY, Nagle's
     // algorithm and the peer's delayed ACK add ~40 ms to a call.
     let _ = tcp.set_nodelay(true);
@@ -154,14 +167,13 @@ async fn connection<S>(
     }
 }
 
-async fn serve_http2<IO, S>(io: IO, http2: &Http2, service: S, mut closing: watch::Receiver<bool>)
-where
+async fn serve_http2<IO>(
+    io: IO,
+    http2: &Http2,
+    service: impl Calls,
+    mut closing: watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
 {
     // The same extension tonic's own server adds: `TcpConnectInfo`, or
     // `TlsConnectInfo<TcpConnectInfo>` with the client's certificates.
