@@ -72,10 +72,23 @@ pub struct ServerConfig {
     /// Requests in flight at once, over all connections; beyond it calls are answered
     /// `RESOURCE_EXHAUSTED` at once (load shedding), not queued.
     pub max_in_flight: usize,
+    /// Server-streaming calls (`ListEntries`) open at once, over all connections; beyond it
+    /// a new one is answered `RESOURCE_EXHAUSTED` at once. A stream holds its place from
+    /// the moment it is admitted until its response ends, fails or is reset, because its
+    /// cost (a reader and up to one message in buffers) lasts as long as the stream, not
+    /// only while the handler runs.
+    pub max_streams: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
-    /// A call that takes longer is cancelled.
+    /// A call whose response has not started after this long is cancelled: all of a unary
+    /// call, the setup of a stream. It never ends a stream that is sending: that is
+    /// `stream_idle_timeout`'s, so a slow reader of a long export is not cut.
     pub request_timeout: std::time::Duration,
+    /// A response (a stream's or a unary call's) of which the client has taken nothing for
+    /// this long, while the server had data for it, is reset (`RST_STREAM`, the client sees
+    /// `CANCELLED`): a client that stops reading does not hold memory and a place forever.
+    /// "Taken" is what HTTP/2 flow control shows: the client's window reopening.
+    pub stream_idle_timeout: std::time::Duration,
     /// Page sizes and scan budgets of the compliance listings.
     pub query_limits: crate::compliance::QueryLimits,
     /// How long a shutdown waits for in-flight calls before closing connections.
@@ -117,8 +130,10 @@ impl ServerConfig {
             tls: None,
             insecure: false,
             max_in_flight: 1024,
+            max_streams: 128,
             max_concurrent_streams: 256,
             request_timeout: std::time::Duration::from_secs(30),
+            stream_idle_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -403,6 +403,10 @@ struct ServeArgs {
     /// Requests in flight at once before new ones are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "AUDIT_LEDGER_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
+    /// Server-streaming calls (ListEntries) open at once before new ones are refused with
+    /// RESOURCE_EXHAUSTED; a stream holds its place until it ends.
+    #[arg(long, env = "AUDIT_LEDGER_MAX_STREAMS", default_value_t = 128)]
+    max_streams: usize,
     /// Concurrent HTTP/2 streams per connection.
     #[arg(
         long,
@@ -410,9 +414,17 @@ struct ServeArgs {
         default_value_t = 256
     )]
     max_concurrent_streams: u32,
-    /// Seconds after which a call is cancelled.
+    /// Seconds after which a call whose response has not started is cancelled (a stream
+    /// that is sending is never cut by it).
     #[arg(long, env = "AUDIT_LEDGER_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     request_timeout_secs: u64,
+    /// Seconds a response may wait for a client that takes none of it before it is reset.
+    #[arg(
+        long,
+        env = "AUDIT_LEDGER_STREAM_IDLE_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    stream_idle_timeout_secs: u64,
     /// Serve Prometheus metrics on http://ADDR/metrics [default: off].
     #[arg(long, env = "AUDIT_LEDGER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -695,8 +707,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     config.insecure = args.insecure;
     config.max_in_flight = args.max_in_flight;
+    config.max_streams = args.max_streams;
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.request_timeout = std::time::Duration::from_secs(args.request_timeout_secs.max(1));
+    config.stream_idle_timeout =
+        std::time::Duration::from_secs(args.stream_idle_timeout_secs.max(1));
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let metrics_listen = args.metrics_listen;
     runtime.block_on(async move {

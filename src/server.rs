@@ -6,12 +6,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::auth::Authenticator;
 use crate::grpc::metrics::MetricsLayer;
-use crate::grpc::middleware::GateLayer;
+use crate::grpc::middleware::{GateLayer, GateLimits};
+use crate::grpc::transport::{self, DeadlineLayer};
 
 use crate::access_log::AccessLog;
 use crate::compliance::Compliance;
@@ -48,8 +51,6 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Ledger(#[from] LedgerError),
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// The access trail does not hold what the latest signed checkpoint anchors.
     #[error(
         "refusing to start: {0}. Every read by an auditor or admin must stay on record; put back store/access.log as it was (a copy at least as new as that checkpoint) and run `audit-ledger verify`"
@@ -66,7 +67,7 @@ pub struct Server {
     page_tokens: PageTokens,
     authenticator: Option<Arc<Authenticator>>,
     /// The TLS identity and client CA, read and checked at open.
-    tls: Option<ServerTlsConfig>,
+    tls: Option<TlsAcceptor>,
     config: ServerConfig,
 }
 
@@ -102,32 +103,56 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
 
 /// Reads the certificate chain, key and client CA, and has the TLS stack parse them: a
 /// missing or unreadable file, or PEM that is not a certificate and its key, stops the
-/// start before anything is opened or announced.
-fn load_tls(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
-    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &files.client_ca {
-        tls = tls
-            .client_ca_root(Certificate::from_pem(read(ca)?))
-            .client_auth_optional(true);
+/// start before anything is opened or announced. A client certificate is optional (a
+/// client may still authenticate with a bearer token); one that is presented must chain
+/// to the client CA. HTTP/2 is the only protocol offered (ALPN `h2`).
+fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, ServerError> {
+    let failed = |reason: String| {
+        ServerError::Config(format!(
+            "TLS ({} and {}): {reason}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(&files.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| failed(format!("{}: {error}", files.cert.display())))?;
+    if chain.is_empty() {
+        return Err(failed(format!(
+            "{}: no certificate in it",
+            files.cert.display()
+        )));
     }
-    tonic::transport::Server::builder()
-        .tls_config(tls.clone())
-        .map_err(|error| {
-            // tonic's own message is only "transport error": the reason is in the sources.
-            let mut reason = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                reason.push_str(&format!(": {cause}"));
-                source = cause.source();
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|error| {
+        failed(format!(
+            "{}: no private key in it ({error})",
+            files.key.display()
+        ))
+    })?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in CertificateDer::pem_slice_iter(&read(ca)?) {
+                let certificate =
+                    certificate.map_err(|error| failed(format!("{}: {error}", ca.display())))?;
+                roots
+                    .add(certificate)
+                    .map_err(|error| failed(format!("{}: {error}", ca.display())))?;
             }
-            ServerError::Config(format!(
-                "TLS ({} and {}): {reason}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
-    Ok(tls)
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|error| failed(format!("{}: {error}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|error| failed(error.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Server {
@@ -236,10 +261,6 @@ impl Server {
         ))
         .max_decoding_message_size(self.config.max_message_bytes)
         .max_encoding_message_size(self.config.max_message_bytes);
-        // Responses go out as several small HTTP/2 frames: without TCP_NODELAY, Nagle's
-        // algorithm and the peer's delayed ACK add ~40 ms to a call.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let stop = Arc::new(tokio::sync::Notify::new());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LedgerServiceServer<LedgerApi>>().await;
         health
@@ -255,12 +276,6 @@ impl Server {
             health.clone(),
             writes_status,
         ));
-        let mut builder = tonic::transport::Server::builder()
-            .timeout(self.config.request_timeout)
-            .max_concurrent_streams(Some(self.config.max_concurrent_streams));
-        if let Some(tls) = self.tls.clone() {
-            builder = builder.tls_config(tls)?;
-        }
         // Reflection (v1 and the older v1alpha that some tools still ask for): grpcurl,
         // buf curl, Postman and Evans need no proto files.
         let reflection = || {
@@ -274,20 +289,7 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|error| ServerError::Config(format!("reflection: {error}")))?;
-        let serving = builder
-            .layer(
-                tower::ServiceBuilder::new()
-                    // Outermost, so that the gate's refusals are counted too.
-                    .layer(MetricsLayer::new(&[
-                        crate::proto::FILE_DESCRIPTOR_SET,
-                        tonic_health::pb::FILE_DESCRIPTOR_SET,
-                    ]))
-                    .layer(GateLayer::new(
-                        self.authenticator.clone(),
-                        self.config.max_in_flight,
-                    )),
-            )
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(ledger_service)
@@ -296,26 +298,51 @@ impl Server {
                 self.access.clone(),
                 self.page_tokens.clone(),
             )))
-            .serve_with_incoming_shutdown(incoming, {
+            .prepare();
+        let descriptors = [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ];
+        let service = tower::ServiceBuilder::new()
+            // Outermost, so that the gate's refusals and timeouts are counted too.
+            .layer(MetricsLayer::new(&descriptors))
+            .layer(DeadlineLayer::new(self.config.request_timeout))
+            .layer(GateLayer::new(
+                self.authenticator.clone(),
+                GateLimits {
+                    max_in_flight: self.config.max_in_flight,
+                    max_streams: self.config.max_streams,
+                },
+                &descriptors,
+            ))
+            .service(routes);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let serving = transport::serve(
+            listener,
+            service,
+            transport::Settings {
+                tls: self.tls.clone(),
+                max_concurrent_streams: self.config.max_concurrent_streams,
+                idle_timeout: self.config.stream_idle_timeout,
+            },
+            {
                 let stop = stop.clone();
                 async move { stop.notified().await }
-            });
+            },
+        );
         tokio::pin!(serving);
         let flusher = self.access.spawn_flusher();
-        let result = tokio::select! {
-            result = &mut serving => result,
+        tokio::select! {
+            () = &mut serving => {}
             () = shutdown => {
                 stop.notify_one();
-                // Clients that keep their connections open must not hold the shutdown hostage.
-                match tokio::time::timeout(self.config.shutdown_grace, &mut serving).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        tracing::warn!(grace = ?self.config.shutdown_grace, "connections still open; closing them");
-                        Ok(())
-                    }
+                // Clients that keep their connections open must not hold the shutdown
+                // hostage: past the grace, dropping `serving` closes them.
+                if tokio::time::timeout(self.config.shutdown_grace, &mut serving).await.is_err() {
+                    tracing::warn!(grace = ?self.config.shutdown_grace, "connections still open; closing them");
                 }
             }
-        };
+        }
         flusher.abort();
         let _ = flusher.await;
         writes_reporter.abort();
@@ -325,7 +352,7 @@ impl Server {
         }
         self.ledger.shutdown().await;
         tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
-        Ok(result?)
+        Ok(())
     }
 }
 

@@ -27,8 +27,10 @@ pub mod names {
     /// for `/audit.ledger.v1.LedgerService/Append`).
     pub const GRPC_SECONDS: &str = "audit_ledger_grpc_request_seconds";
     /// Calls refused before reaching a service, by `reason`: missing, malformed, unknown
-    /// (credentials), permission_denied, load_shed.
+    /// (credentials), permission_denied, load_shed, stream_limit.
     pub const GATE_REFUSALS: &str = "audit_ledger_gate_refusals_total";
+    /// Calls reset because their client took none of the response for the idle timeout.
+    pub const STALLED_RESPONSES: &str = "audit_ledger_stalled_responses_total";
 }
 
 /// How log lines are written.
@@ -116,5 +118,9 @@ fn describe() {
     describe_counter!(
         names::GATE_REFUSALS,
         "Calls refused before reaching a service, by reason"
+    );
+    describe_counter!(
+        names::STALLED_RESPONSES,
+        "Calls reset because their client took none of the response for the idle timeout"
     );
 }

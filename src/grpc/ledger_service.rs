@@ -24,9 +24,6 @@ use crate::records::communication::question_of;
 use crate::records::prepare_communication;
 use crate::telemetry::{self, names};
 
-/// Entries a `ListEntries` stream reads ahead of a slow client.
-const LIST_BUFFER: usize = 64;
-
 #[derive(Clone)]
 pub struct LedgerApi {
     ledger: Ledger,
@@ -157,6 +154,28 @@ fn append_result(appended: Appended, assessment: Option<crate::proto::Assessment
         duplicate: appended.duplicate,
         assessment,
     }
+}
+
+/// The items `read` makes of `indices`, each read only when the consumer asks for the next
+/// one; the stream ends after the first error. Under a response, tonic asks for the next
+/// message when hyper asks for the next bytes, which it does only while the client's
+/// HTTP/2 window has room: a client that stops reading stops the reads, and its stream
+/// holds about one message (being encoded and sent), not a read-ahead buffer.
+fn on_demand<T, E>(
+    indices: std::ops::Range<u64>,
+    read: impl FnMut(u64) -> Result<T, E> + Send + 'static,
+) -> impl Stream<Item = Result<T, E>> + Send + 'static
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    tokio_stream::iter(indices.map(read).scan(false, |failed, item| {
+        if *failed {
+            return None;
+        }
+        *failed = item.is_err();
+        Some(item)
+    }))
 }
 
 #[tonic::async_trait]
@@ -293,25 +312,18 @@ impl LedgerService for LedgerApi {
             ),
             end - request.start_index,
         )?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(LIST_BUFFER);
         let ledger = self.ledger.clone();
-        tokio::spawn(async move {
-            for index in request.start_index..end {
-                let item = ledger
+        Ok(Response::new(Box::pin(on_demand(
+            request.start_index..end,
+            move |index| {
+                ledger
                     .entry(index)
                     .map(|entry| ListEntriesResponse {
                         entry: Some(entry_message(entry)),
                     })
-                    .map_err(to_status);
-                let failed = item.is_err();
-                if sender.send(item).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+                    .map_err(to_status)
+            },
+        ))))
     }
 
     async fn get_checkpoint(
@@ -381,5 +393,60 @@ impl LedgerService for LedgerApi {
             to_size,
             hashes: hashes(proof),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio_stream::StreamExt;
+
+    use super::on_demand;
+
+    /// Gives anything that runs beside the consumer (a task filling a channel) every chance
+    /// to run ahead.
+    async fn let_others_run() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unread_stream_reads_nothing_ahead_of_its_consumer() {
+        let produced = Arc::new(AtomicU64::new(0));
+        let mut stream = Box::pin(on_demand(0..100_000, {
+            let produced = produced.clone();
+            move |index| {
+                produced.fetch_add(1, Ordering::SeqCst);
+                Ok::<u64, ()>(index)
+            }
+        }));
+        let_others_run().await;
+        assert!(
+            produced.load(Ordering::SeqCst) <= 1,
+            "{} messages made for a consumer that took none",
+            produced.load(Ordering::SeqCst)
+        );
+        for expected in 0..3 {
+            assert_eq!(stream.next().await, Some(Ok(expected)));
+        }
+        let_others_run().await;
+        assert!(
+            produced.load(Ordering::SeqCst) <= 3 + 1,
+            "{} messages made for a consumer that took 3",
+            produced.load(Ordering::SeqCst)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_after_its_first_error() {
+        let stream = on_demand(
+            0..10,
+            |index| if index == 2 { Err(index) } else { Ok(index) },
+        );
+        let items: Vec<_> = stream.collect().await;
+        assert_eq!(items, vec![Ok(0), Ok(1), Err(2)]);
     }
 }

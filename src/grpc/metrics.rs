@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body::Frame;
-use prost::Message;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
@@ -27,24 +26,10 @@ pub struct MetricsLayer {
 impl MetricsLayer {
     /// Knows every method of the given encoded descriptor sets.
     pub fn new(descriptor_sets: &[&[u8]]) -> Self {
-        let mut known = HashSet::new();
-        for encoded in descriptor_sets {
-            let Ok(set) = prost_types::FileDescriptorSet::decode(*encoded) else {
-                continue;
-            };
-            for file in set.file {
-                let package = file.package.unwrap_or_default();
-                for service in file.service {
-                    let service_name = service.name.unwrap_or_default();
-                    for method in service.method {
-                        known.insert(format!(
-                            "/{package}.{service_name}/{}",
-                            method.name.unwrap_or_default()
-                        ));
-                    }
-                }
-            }
-        }
+        let mut known: HashSet<String> = super::methods(descriptor_sets)
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect();
         known.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into());
         known.insert("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".into());
         MetricsLayer {

@@ -1,13 +1,26 @@
 //! The gate every call passes before reaching a service: load shedding (a bound on requests
 //! in flight, answered `RESOURCE_EXHAUSTED` at once rather than queued), then
-//! authentication (`UNAUTHENTICATED`) and authorization by role (`PERMISSION_DENIED`).
+//! authentication (`UNAUTHENTICATED`) and authorization by role (`PERMISSION_DENIED`),
+//! then, for a server-streaming method, a place among the open streams
+//! (`RESOURCE_EXHAUSTED` at once when there is none).
 //! The authenticated [`Principal`] rides on the request's extensions to the handlers.
 //! Health checks and reflection pass freely.
+//!
+//! A place is held for as long as the call costs something, which is until its response
+//! body ends, fails or is dropped (the client reset the stream, the transport reset a
+//! response its client stopped taking, the connection closed) — not only until the
+//! handler returned: a unary call keeps its place in flight until its answer is out; a
+//! stream gives its place in flight back once its response starts and keeps its place
+//! among the streams for its whole life, so that long exports do not crowd out unary
+//! calls, nor unread streams pile up.
 
+use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::Semaphore;
+use http_body::Frame;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -17,18 +30,44 @@ use super::BoxFuture;
 
 use crate::auth::{Authenticator, Principal, Rejection, Role, is_open};
 
+/// The places the gate hands out.
+#[derive(Debug, Clone, Copy)]
+pub struct GateLimits {
+    /// Calls in flight at once (a stream counts until its response starts).
+    pub max_in_flight: usize,
+    /// Server-streaming calls open at once.
+    pub max_streams: usize,
+}
+
 #[derive(Clone)]
 pub struct GateLayer {
     authenticator: Option<Arc<Authenticator>>,
     in_flight: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+    /// Paths of the server-streaming methods.
+    streaming: Arc<HashSet<String>>,
 }
 
 impl GateLayer {
     /// `authenticator: None` lets every caller through unauthenticated (loopback mode).
-    pub fn new(authenticator: Option<Arc<Authenticator>>, max_in_flight: usize) -> Self {
+    /// The streaming methods are those of `descriptor_sets` that stream their response.
+    pub fn new(
+        authenticator: Option<Arc<Authenticator>>,
+        limits: GateLimits,
+        descriptor_sets: &[&[u8]],
+    ) -> Self {
+        let streaming = super::methods(descriptor_sets)
+            .into_iter()
+            .filter(|(_, server_streaming)| *server_streaming)
+            .map(|(path, _)| path)
+            .collect();
         GateLayer {
             authenticator,
-            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+            streams: Arc::new(Semaphore::new(limits.max_streams.max(1))),
+            max_streams: limits.max_streams.max(1),
+            streaming: Arc::new(streaming),
         }
     }
 }
@@ -136,18 +175,79 @@ where
             }
             request.extensions_mut().insert(principal);
         }
+        let stream_place = if self.layer.streaming.contains(&path) {
+            let Ok(place) = self.layer.streams.clone().try_acquire_owned() else {
+                tracing::warn!(%path, "stream refused: open stream limit reached");
+                refused("stream_limit");
+                return reject(Status::resource_exhausted(format!(
+                    "the server is at its limit of {} open streams; retry with backoff",
+                    self.layer.max_streams
+                )));
+            };
+            Some(place)
+        } else {
+            None
+        };
         let response = inner.call(request);
         Box::pin(async move {
-            let response = response.await;
-            drop(permit);
-            response
+            let response = response.await?;
+            let place = match stream_place {
+                Some(stream_place) => {
+                    drop(permit);
+                    stream_place
+                }
+                None => permit,
+            };
+            Ok(response.map(|body| {
+                Body::new(Holding {
+                    inner: body,
+                    place: Some(place),
+                })
+            }))
         })
+    }
+}
+
+/// A response body that holds its call's place until it ends, fails or is dropped.
+struct Holding {
+    inner: Body,
+    place: Option<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            Poll::Ready(Some(Err(_)) | None) => true,
+            Poll::Pending => false,
+        };
+        if ended {
+            this.place = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
     use std::convert::Infallible;
 
     /// A service that holds every call until a permit is released for it.
@@ -179,10 +279,17 @@ mod tests {
         http::Request::builder().uri(path).body(()).unwrap()
     }
 
+    fn limits(max_in_flight: usize, max_streams: usize) -> GateLimits {
+        GateLimits {
+            max_in_flight,
+            max_streams,
+        }
+    }
+
     #[tokio::test]
     async fn sheds_load_beyond_the_in_flight_limit_at_once() {
         let release = Arc::new(Semaphore::new(0));
-        let mut gate = GateLayer::new(None, 2).layer(held(release.clone()));
+        let mut gate = GateLayer::new(None, limits(2, 2), &[]).layer(held(release.clone()));
         let path = "/audit.ledger.v1.LedgerService/Append";
         // Two calls take the two in-flight places (the permit is taken in `call`).
         let first = tokio::spawn(gate.call(call(path)));
@@ -207,5 +314,63 @@ mod tests {
         release.add_permits(1);
         let again = gate.call(call(path)).await.unwrap();
         assert_eq!(grpc_status(&again), None);
+    }
+
+    /// A service whose every response is a body that stays open until `end` is notified.
+    fn streaming(
+        end: Arc<tokio::sync::Notify>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future = BoxFuture<http::Response<Body>, Infallible>,
+    > + Clone {
+        tower::service_fn(move |_request: http::Request<()>| {
+            let end = end.clone();
+            let body = http_body_util::StreamBody::new(futures_util::stream::once(async move {
+                end.notified().await;
+                Ok::<_, Status>(Frame::data(bytes::Bytes::from_static(b"done")))
+            }));
+            Box::pin(async move { Ok::<_, Infallible>(http::Response::new(Body::new(body))) })
+                as BoxFuture<_, _>
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stream_holds_its_place_until_its_body_is_gone_and_not_a_place_in_flight() {
+        let end = Arc::new(tokio::sync::Notify::new());
+        let mut gate = GateLayer::new(None, limits(1, 2), &[crate::proto::FILE_DESCRIPTOR_SET])
+            .layer(streaming(end.clone()));
+        let list = "/audit.ledger.v1.LedgerService/ListEntries";
+        let first = gate.call(call(list)).await.unwrap();
+        let second = gate.call(call(list)).await.unwrap();
+        assert_eq!(grpc_status(&first), None);
+        assert_eq!(grpc_status(&second), None);
+        // Two open streams: a third is refused at once, though nothing else is in flight.
+        let refused = gate.call(call(list)).await.unwrap();
+        assert_eq!(
+            grpc_status(&refused),
+            Some((tonic::Code::ResourceExhausted as i32).to_string())
+        );
+        let unary = gate
+            .call(call("/audit.ledger.v1.LedgerService/GetCheckpoint"))
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(&unary), None, "streams take no place in flight");
+        drop(unary);
+        // A body dropped (the client went away) gives its place back.
+        drop(first);
+        let third = gate.call(call(list)).await.unwrap();
+        assert_eq!(grpc_status(&third), None);
+        // A body read to its end gives its place back too.
+        end.notify_one();
+        let mut second = second.into_body();
+        while let Some(frame) =
+            std::future::poll_fn(|cx| Pin::new(&mut second).poll_frame(cx)).await
+        {
+            frame.unwrap();
+        }
+        let fourth = gate.call(call(list)).await.unwrap();
+        assert_eq!(grpc_status(&fourth), None);
     }
 }

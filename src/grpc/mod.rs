@@ -9,6 +9,7 @@ mod ledger_service;
 pub mod metrics;
 pub mod middleware;
 pub mod status;
+pub mod transport;
 
 pub use access::AccessLogApi;
 pub use compliance_service::ComplianceApi;
@@ -23,4 +24,32 @@ pub(crate) type BoxFuture<T, E> =
 pub(crate) fn take_ready<S: Clone>(service: &mut S) -> S {
     let clone = service.clone();
     std::mem::replace(service, clone)
+}
+
+/// Every method of the given encoded descriptor sets: its path (`/package.Service/Method`)
+/// and whether the server streams its response.
+pub(crate) fn methods(descriptor_sets: &[&[u8]]) -> Vec<(String, bool)> {
+    use prost::Message;
+    let mut methods = Vec::new();
+    for encoded in descriptor_sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*encoded) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let service_name = service.name.unwrap_or_default();
+                for method in service.method {
+                    methods.push((
+                        format!(
+                            "/{package}.{service_name}/{}",
+                            method.name.unwrap_or_default()
+                        ),
+                        method.server_streaming.unwrap_or(false),
+                    ));
+                }
+            }
+        }
+    }
+    methods
 }
