@@ -12,7 +12,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use audit_ledger::config::ServerConfig;
-use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
 use audit_ledger::proto::{AppendBatchRequest, ListEntriesRequest, ListEntriesResponse};
 use common::{ChildServer, Client, TestServer, binary, communication};
 use tonic::Code;
@@ -58,9 +57,7 @@ async fn reader(address: &str) -> Client {
         .connect()
         .await
         .expect("client connects");
-    LedgerServiceClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024)
+    common::client_over(channel)
 }
 
 async fn populate(address: &str) {

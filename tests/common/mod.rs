@@ -133,6 +133,11 @@ pub async fn connect(address: &str) -> Client {
         .connect()
         .await
         .expect("client connects");
+    client_over(channel)
+}
+
+/// A ledger client on `channel` that takes messages as large as the server sends.
+pub fn client_over(channel: Channel) -> Client {
     LedgerServiceClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024)
