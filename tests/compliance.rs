@@ -486,7 +486,7 @@ async fn record_scenario(s: &mut Scenario) -> Vec<(String, &'static str, Verdict
             "message {n}: {}",
             assessment.explanation
         );
-        assert_eq!(assessment.policy_version, "domain-table/1");
+        assert_eq!(assessment.policy_version, "domain-table/2");
         expected.push((format!("m-{n}"), rule, verdict));
     }
     expected
@@ -831,7 +831,21 @@ async fn evidence_is_provable_and_re_derives_the_verdict() {
         ("FORMER-PARTNER", Verdict::Violation)
     );
 
-    // The signed checkpoint the answer can be proven against.
+    let facts = proven_evidence(&mut s, &answer, &verifier_key).await;
+    // The evidence alone re-derives the verdict.
+    let rederived = audit_ledger::policy::assess(&question, &facts);
+    assert_eq!(rederived.rule.name(), answer.rule);
+    assert_eq!(rederived.evidence, answer.evidence);
+    server.stop().await;
+}
+
+/// The answer's evidence, each entry proven included in the latest signed checkpoint (its
+/// signature checked against `verifier_key`) and decoded from the proven leaf bytes.
+async fn proven_evidence(
+    s: &mut Scenario,
+    answer: &Assessment,
+    verifier_key: &str,
+) -> Vec<audit_ledger::policy::RecordedFact> {
     let checkpoint = s
         .ledger
         .get_checkpoint(GetCheckpointRequest {})
@@ -840,13 +854,12 @@ async fn evidence_is_provable_and_re_derives_the_verdict() {
         .into_inner()
         .checkpoint
         .unwrap();
-    let verifier = signed_note::StandardVerifier::new(&verifier_key).unwrap();
+    let verifier = signed_note::StandardVerifier::new(verifier_key).unwrap();
     signed_note::Note::from_bytes(checkpoint.note.as_bytes())
         .unwrap()
         .verify(&signed_note::VerifierList::new(vec![Box::new(verifier)]))
         .expect("checkpoint signature");
     let root = hash32(&checkpoint.root_hash);
-
     let mut facts = Vec::new();
     for &index in &answer.evidence {
         assert!(index < answer.tree_size);
@@ -875,7 +888,6 @@ async fn evidence_is_provable_and_re_derives_the_verdict() {
             &proof.hashes,
             &root
         ));
-        // Decode the fact from the proven leaf bytes themselves.
         use prost::Message;
         let record = audit_ledger::proto::LeafRecord::decode(entry.leaf.as_slice()).unwrap();
         let Some(leaf_record::Record::Fact(fact)) = record.record else {
@@ -883,11 +895,7 @@ async fn evidence_is_provable_and_re_derives_the_verdict() {
         };
         facts.push(audit_ledger::records::fact::to_policy(index, &fact).unwrap());
     }
-    // The evidence alone re-derives the verdict.
-    let rederived = audit_ledger::policy::assess(&question, &facts);
-    assert_eq!(rederived.rule.name(), answer.rule);
-    assert_eq!(rederived.evidence, answer.evidence);
-    server.stop().await;
+    facts
 }
 
 #[tokio::test]
@@ -1071,7 +1079,9 @@ async fn bad_compliance_input_is_invalid_argument_and_records_nothing() {
             "fact.transfer.subscription_id",
             Some(Fact {
                 kind: Some(Kind::Transfer(Transfer {
-                    subscription_id: "no-such-subscription".into(),
+                    // A transfer may name a subscription not recorded yet (facts arrive in
+                    // any order), but it must name one.
+                    subscription_id: String::new(),
                     from_partner_id: "a".into(),
                     to_partner_id: "b".into(),
                     state: TransferState::Started as i32,
@@ -1244,5 +1254,251 @@ async fn bad_compliance_input_is_invalid_argument_and_records_nothing() {
         .await
         .unwrap_err();
     assert!(status.message().starts_with("page_token"));
+    server.stop().await;
+}
+
+/// Facts of the issue-17 world: c1 holds sub-1 and sub-2 (billed by contoso), whose sub-1 is
+/// moving to fabrikam from day 3; customer d holds sub-d, moving to litware from day 3.
+/// Returns the indices of sub-1's and sub-2's subscription facts.
+async fn record_two_customers_with_transfers(s: &mut Scenario) -> (u64, u64) {
+    s.party("contoso", PartyKind::DirectBillPartner).await;
+    s.party("fabrikam", PartyKind::IndirectReseller).await;
+    s.party("litware", PartyKind::IndirectReseller).await;
+    let subscription = |id: &str, customer: &str| {
+        Kind::Subscription(Subscription {
+            subscription_id: id.into(),
+            customer_id: customer.into(),
+            biller_id: "contoso".into(),
+            support_contact_id: String::new(),
+            provider_id: String::new(),
+            active: true,
+        })
+    };
+    let transfer = |id: &str, to: &str| {
+        Kind::Transfer(Transfer {
+            subscription_id: id.into(),
+            from_partner_id: "contoso".into(),
+            to_partner_id: to.into(),
+            state: TransferState::Started as i32,
+        })
+    };
+    s.reseller(1, "c1", "contoso", true).await;
+    let sub_1 = s.fact(1, subscription("sub-1", "c1")).await;
+    let sub_2 = s.fact(1, subscription("sub-2", "c1")).await;
+    s.reseller(1, "d", "contoso", true).await;
+    s.fact(1, subscription("sub-d", "d")).await;
+    s.fact(3, transfer("sub-1", "fabrikam")).await;
+    s.fact(3, transfer("sub-d", "litware")).await;
+    (sub_1, sub_2)
+}
+
+/// Issue 17: another customer's subscription is unknown for c1, and so is everything reached
+/// through it — at ingestion, in CheckSender and in ListViolations.
+#[tokio::test]
+async fn another_customers_transfer_never_reaches_this_customers_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    record_two_customers_with_transfers(&mut s).await;
+    let message = |n, sender, customer, subscription| Message {
+        n,
+        sender,
+        customer,
+        topic: Topic::Transition,
+        subscription,
+        product: "",
+        day: 4,
+    };
+    for (n, sender, customer, subscription, expected) in [
+        (
+            1,
+            "litware",
+            "c1",
+            "sub-d",
+            ("NOT-A-PARTNER", Verdict::Violation),
+        ),
+        (
+            2,
+            "litware",
+            "c1",
+            "",
+            ("NOT-A-PARTNER", Verdict::Violation),
+        ),
+        (
+            3,
+            "fabrikam",
+            "c1",
+            "sub-d",
+            ("NOT-A-PARTNER", Verdict::Violation),
+        ),
+        (4, "litware", "d", "sub-d", ("TRANSITION", Verdict::Allowed)),
+    ] {
+        let (_, at_ingestion) = s.send(message(n, sender, customer, subscription)).await;
+        assert_eq!(rule_and_verdict(&at_ingestion), expected, "m-{n}");
+        let checked = s
+            .check(sender, customer, Topic::Transition, subscription, 4, 0)
+            .await;
+        assert_eq!(rule_and_verdict(&checked), expected, "m-{n}");
+    }
+    let violations = s
+        .violations(ListViolationsRequest {
+            customer_id: "c1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        violations,
+        vec![
+            ("m-1".to_string(), "NOT-A-PARTNER".to_string()),
+            ("m-2".to_string(), "NOT-A-PARTNER".to_string()),
+            ("m-3".to_string(), "NOT-A-PARTNER".to_string()),
+        ]
+    );
+    server.stop().await;
+}
+
+/// Issue 17: one reading of rows 11-12. While sub-1 of c1 moves to fabrikam, fabrikam may talk
+/// TRANSITION with c1 whichever of c1's subscriptions it names, or none; the evidence ties
+/// the moving subscription and the named one to c1, is provable, and re-derives the answer.
+#[tokio::test]
+async fn transition_talk_is_allowed_whichever_of_the_customers_subscriptions_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    let (sub_1, sub_2) = record_two_customers_with_transfers(&mut s).await;
+    let verifier_key = audit_ledger::keys::load(&dir.path().join("signing.key"))
+        .unwrap()
+        .verifier_key();
+    for (topic, named, expected) in [
+        (Topic::Transition, "sub-1", ("TRANSITION", Verdict::Allowed)),
+        (Topic::Transition, "sub-2", ("TRANSITION", Verdict::Allowed)),
+        (Topic::Transition, "", ("TRANSITION", Verdict::Allowed)),
+        (
+            Topic::Commercial,
+            "sub-1",
+            ("TRANSFER-PENDING", Verdict::Violation),
+        ),
+        (
+            Topic::Support,
+            "sub-1",
+            ("TRANSFER-PENDING", Verdict::Violation),
+        ),
+    ] {
+        let answer = s.check("fabrikam", "c1", topic, named, 4, 0).await;
+        assert_eq!(rule_and_verdict(&answer), expected, "{topic:?} {named:?}");
+        assert!(
+            answer.evidence.contains(&sub_1),
+            "{named:?}: {:?}",
+            answer.evidence
+        );
+        if named == "sub-2" {
+            assert!(answer.evidence.contains(&sub_2), "{:?}", answer.evidence);
+        }
+        let facts = proven_evidence(&mut s, &answer, &verifier_key).await;
+        // Every transfer cited is shown, by the evidence itself, to move c1's subscription.
+        for fact in &facts {
+            if let audit_ledger::policy::Fact::Transfer {
+                subscription_id, ..
+            } = &fact.fact
+            {
+                assert!(facts.iter().any(|f| matches!(&f.fact,
+                    audit_ledger::policy::Fact::Subscription { subscription_id: s, customer_id, .. }
+                        if s == subscription_id && customer_id == "c1")));
+            }
+        }
+        let question = audit_ledger::policy::Question {
+            sender_id: "fabrikam".into(),
+            customer_id: "c1".into(),
+            topic: match topic {
+                Topic::Commercial => audit_ledger::policy::Topic::Commercial,
+                Topic::Support => audit_ledger::policy::Topic::Support,
+                _ => audit_ledger::policy::Topic::Transition,
+            },
+            subscription_id: named.into(),
+            product_id: String::new(),
+            at: audit_ledger::ledger::time::Timestamp {
+                seconds: EPOCH + 4 * DAY,
+                nanos: 0,
+            },
+        };
+        let rederived = audit_ledger::policy::assess(&question, &facts);
+        assert_eq!(rederived.rule.name(), answer.rule);
+        assert_eq!(rederived.evidence, answer.evidence);
+    }
+    server.stop().await;
+}
+
+/// Issue 17: facts arrive in any order. A transfer whose subscription is not recorded yet,
+/// and a relationship whose partner is not registered yet, are accepted; until the missing
+/// fact arrives the question is answered without it (the transfer reaches no customer, the
+/// partner is an unknown sender), afterwards with it, and the earlier answer stays
+/// reproducible as of its tree size.
+#[tokio::test]
+async fn facts_recorded_in_any_order_are_accepted_and_judged_as_they_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = Scenario::new(&server.address).await;
+    s.party("contoso", PartyKind::DirectBillPartner).await;
+    s.party("fabrikam", PartyKind::IndirectReseller).await;
+    s.reseller(1, "c1", "contoso", true).await;
+    let transfer = s
+        .fact(
+            3,
+            Kind::Transfer(Transfer {
+                subscription_id: "sub-1".into(),
+                from_partner_id: "contoso".into(),
+                to_partner_id: "fabrikam".into(),
+                state: TransferState::Started as i32,
+            }),
+        )
+        .await;
+    let partnerless = s.reseller(1, "c1", "northwind", true).await;
+    let before = s.tree_size().await;
+    let transition = s.check("fabrikam", "c1", Topic::Transition, "", 4, 0).await;
+    assert_eq!(
+        rule_and_verdict(&transition),
+        ("NOT-A-PARTNER", Verdict::Violation)
+    );
+    let unknown = s.check("northwind", "c1", Topic::General, "", 4, 0).await;
+    assert_eq!(
+        rule_and_verdict(&unknown),
+        ("UNKNOWN-SENDER", Verdict::Violation)
+    );
+
+    // The missing facts arrive, effective from day 1.
+    let subscription = s
+        .fact(
+            1,
+            Kind::Subscription(Subscription {
+                subscription_id: "sub-1".into(),
+                customer_id: "c1".into(),
+                biller_id: "contoso".into(),
+                support_contact_id: String::new(),
+                provider_id: String::new(),
+                active: true,
+            }),
+        )
+        .await;
+    let party = s.party("northwind", PartyKind::DirectBillPartner).await;
+    let now = s.check("fabrikam", "c1", Topic::Transition, "", 4, 0).await;
+    assert_eq!(rule_and_verdict(&now), ("TRANSITION", Verdict::Allowed));
+    assert!(now.evidence.contains(&transfer) && now.evidence.contains(&subscription));
+    let partner = s.check("northwind", "c1", Topic::General, "", 4, 0).await;
+    assert_eq!(
+        rule_and_verdict(&partner),
+        ("PARTNER-OF-RECORD", Verdict::Allowed)
+    );
+    assert!(partner.evidence.contains(&partnerless) && partner.evidence.contains(&party));
+    // Before the transfer took effect, it was not in progress.
+    let earlier = s.check("fabrikam", "c1", Topic::Transition, "", 2, 0).await;
+    assert_eq!(
+        rule_and_verdict(&earlier),
+        ("NOT-A-PARTNER", Verdict::Violation)
+    );
+    // As of the tree size before they arrived, the old answers, unchanged.
+    let as_of = s
+        .check("fabrikam", "c1", Topic::Transition, "", 4, before)
+        .await;
+    assert_eq!(as_of, transition);
     server.stop().await;
 }

@@ -19,7 +19,6 @@
 //! `index` is a u64 BE; `sent_at` is 12 bytes that sort like the instant (sign-flipped
 //! seconds BE, then nanos BE).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
@@ -351,22 +350,6 @@ impl ComplianceIndexer {
             },
         ))
     }
-
-    /// The customer a subscription belongs to, from its latest indexed subscription fact.
-    fn customer_of(&self, subscription_id: &str) -> Result<Option<String>, StorageError> {
-        let prefix = list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id);
-        let facts = self
-            .facts
-            .range(&prefix, &prefix_end(&prefix), usize::MAX)?;
-        for (_, value) in facts.iter().rev() {
-            let fact = proto::Fact::decode(value.as_slice())
-                .map_err(|_| StorageError::Malformed("indexed fact".into()))?;
-            if let Some(Kind::Subscription(subscription)) = fact.kind {
-                return Ok(Some(subscription.customer_id));
-            }
-        }
-        Ok(None)
-    }
 }
 
 fn read_indexed_size(index: &dyn IndexStore) -> Result<u64, StorageError> {
@@ -430,8 +413,6 @@ impl Indexer for ComplianceIndexer {
             return Ok(());
         };
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        // Subscriptions first seen in this batch, for the transfers that follow them.
-        let mut customers: HashMap<String, String> = HashMap::new();
         for &(index, leaf) in entries {
             // Communications (skipped unread here): the following thread reads them.
             let Some(fact) = FactLeaf::decode(leaf)
@@ -450,21 +431,11 @@ impl Indexer for ComplianceIndexer {
                 Some(Kind::Subscription(s)) => {
                     put(FACT_BY_CUSTOMER, &s.customer_id);
                     put(FACT_BY_SUBSCRIPTION, &s.subscription_id);
-                    customers.insert(s.subscription_id.clone(), s.customer_id.clone());
                 }
-                Some(Kind::Transfer(t)) => {
-                    put(FACT_BY_SUBSCRIPTION, &t.subscription_id);
-                    let customer = match customers.get(&t.subscription_id) {
-                        Some(customer) => Some(customer.clone()),
-                        None => self.customer_of(&t.subscription_id)?,
-                    };
-                    if let Some(customer) = customer {
-                        writes.push((
-                            fact_key(FACT_BY_CUSTOMER, &customer, index),
-                            Some(value.clone()),
-                        ));
-                    }
-                }
+                // Listed under its subscription only: a question about a customer reads the
+                // lists of every subscription the customer has had, whenever its
+                // subscription fact was recorded (before or after the transfer).
+                Some(Kind::Transfer(t)) => put(FACT_BY_SUBSCRIPTION, &t.subscription_id),
                 Some(Kind::DirectAgreement(a)) => put(FACT_BY_CUSTOMER, &a.customer_id),
                 None => {}
             }

@@ -146,10 +146,17 @@ impl Compliance {
         }
     }
 
-    /// Every fact about the sender, the customer and (if named) the subscription at ledger
-    /// indices below `tree_size`: prefix scans of three index lists, independent of ledger
-    /// size. Each list is taken from `lists` (lists read at `tree_size`), read and kept
-    /// there when it is not held yet.
+    /// The recorded facts a question about `customer_id` from `sender_id` (naming
+    /// `subscription_id`, or none) can rest on, at indices below `tree_size`: the sender's
+    /// party facts, the customer's facts (relationships, agreements, its subscriptions'
+    /// facts), every fact of each subscription the customer has had (its transfers, and any
+    /// later fact that moved it elsewhere) and every fact of the named subscription. Prefix
+    /// scans of index lists, independent of ledger size. Each list is taken from `lists`
+    /// (lists read at `tree_size`), read and kept there when it is not held yet.
+    ///
+    /// Whether a subscription is the customer's at the question's instant, and so whether
+    /// anything reached through it counts, is the policy's to decide
+    /// ([`policy::Snapshot::subscription_of`]); this only gathers.
     fn facts_from(
         &self,
         sender_id: &str,
@@ -158,20 +165,33 @@ impl Compliance {
         tree_size: u64,
         lists: &mut FactLists,
     ) -> Result<Vec<RecordedFact>, LedgerError> {
+        let customer = list_prefix(b'F', FACT_BY_CUSTOMER, customer_id);
         let mut prefixes = vec![
             list_prefix(b'F', FACT_BY_PARTY, sender_id),
-            list_prefix(b'F', FACT_BY_CUSTOMER, customer_id),
+            customer.clone(),
         ];
+        self.read_list(&customer, tree_size, lists)?;
+        let mut subscriptions: Vec<&str> = lists[&customer]
+            .iter()
+            .filter_map(|(_, fact)| match &fact.kind {
+                Some(proto::fact::Kind::Subscription(s)) => Some(s.subscription_id.as_str()),
+                _ => None,
+            })
+            .collect();
         if !subscription_id.is_empty() {
-            prefixes.push(list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id));
+            subscriptions.push(subscription_id);
         }
+        subscriptions.sort_unstable();
+        subscriptions.dedup();
+        prefixes.extend(
+            subscriptions
+                .into_iter()
+                .map(|s| list_prefix(b'F', FACT_BY_SUBSCRIPTION, s)),
+        );
         let mut facts: Vec<RecordedFact> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for prefix in prefixes {
-            if !lists.contains_key(&prefix) {
-                let list = self.fact_list(&prefix, tree_size)?;
-                lists.insert(prefix.clone(), list);
-            }
+            self.read_list(&prefix, tree_size, lists)?;
             for (index, fact) in &lists[&prefix] {
                 // A fact can be listed under several keys (e.g. a subscription under its
                 // customer and itself); count it once.
@@ -181,6 +201,20 @@ impl Compliance {
             }
         }
         Ok(facts)
+    }
+
+    /// Reads the list under `prefix` into `lists` unless it is held already.
+    fn read_list(
+        &self,
+        prefix: &[u8],
+        tree_size: u64,
+        lists: &mut FactLists,
+    ) -> Result<(), LedgerError> {
+        if !lists.contains_key(prefix) {
+            let list = self.fact_list(prefix, tree_size)?;
+            lists.insert(prefix.to_vec(), list);
+        }
+        Ok(())
     }
 
     /// The facts of one index list at indices below `tree_size`, decoded.
@@ -249,23 +283,6 @@ impl Compliance {
             .map(|question| self.assess_from(question, tree_size, &mut lists))
             .collect::<Result<_, LedgerError>>()?;
         Ok((assessments, tree_size))
-    }
-
-    /// Whether a subscription fact for `subscription_id` is recorded.
-    pub fn subscription_known(&self, subscription_id: &str) -> Result<bool, LedgerError> {
-        let size = self.ledger.tree_size();
-        let prefix = list_prefix(b'F', FACT_BY_SUBSCRIPTION, subscription_id);
-        Ok(self
-            .facts
-            .range(&prefix, &prefix_end(&prefix), usize::MAX)?
-            .iter()
-            .any(|(key, value)| {
-                index::index_of_key(key).is_some_and(|index| index < size)
-                    && matches!(
-                        proto::Fact::decode(value.as_slice()).map(|f| f.kind),
-                        Ok(Some(proto::fact::Kind::Subscription(_)))
-                    )
-            }))
     }
 
     pub fn list_communications(

@@ -18,7 +18,7 @@ use crate::proto::compliance_service_server::ComplianceService;
 use crate::proto::{
     CheckSenderRequest, CheckSenderResponse, ListCommunicationsRequest, ListCommunicationsResponse,
     ListViolationsRequest, ListViolationsResponse, RecordFactRequest, RecordFactResponse, Topic,
-    Violation, fact::Kind,
+    Violation,
 };
 use crate::records::communication::policy_topic;
 use crate::records::prepare_fact;
@@ -112,10 +112,6 @@ impl ComplianceService for ComplianceApi {
             .into_inner()
             .fact
             .ok_or_else(|| Status::invalid_argument("fact: must be set"))?;
-        let transfer_of = match &fact.kind {
-            Some(Kind::Transfer(transfer)) => Some(transfer.subscription_id.clone()),
-            _ => None,
-        };
         let record = prepare_fact(
             fact,
             "fact",
@@ -123,18 +119,6 @@ impl ComplianceService for ComplianceApi {
             Principal::name_of(principal.as_ref()),
         )
         .map_err(to_status)?;
-        if let Some(subscription_id) = transfer_of {
-            if !self
-                .compliance
-                .subscription_known(&subscription_id)
-                .map_err(to_status)?
-            {
-                return Err(to_status(LedgerError::invalid(
-                    "fact.transfer.subscription_id",
-                    format!("no subscription {subscription_id:?} is recorded"),
-                )));
-            }
-        }
         let appended = counted(names::FACTS, 1, self.ledger.append_one(record).await)?;
         Ok(Response::new(RecordFactResponse {
             index: appended.index,

@@ -86,7 +86,8 @@ pub struct SubscriptionState {
     pub support_contact_id: String,
     pub provider_id: String,
     pub active: bool,
-    /// The facts this state rests on (the subscription fact, completed transfers after it).
+    /// The facts this state rests on: the subscription fact that ties it to its customer and
+    /// the transfers completed after it.
     pub evidence: Vec<u64>,
 }
 
@@ -97,8 +98,32 @@ pub struct PendingTransfer {
     pub from_partner_id: String,
     pub to_partner_id: String,
     pub index: u64,
-    /// The facts that tie the subscription to its customer (when found through the customer).
-    pub subscription_evidence: Vec<u64>,
+}
+
+/// One of a customer's subscriptions at the instant, with everything reached through it.
+///
+/// This is the only way the rules see a subscription: built by
+/// [`Snapshot::subscription_of`], which answers `None` for a subscription that is not the
+/// customer's, so no fact reached through another customer's subscription (its billers,
+/// its transfers) ever reaches an answer about this customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerSubscription {
+    pub subscription_id: String,
+    pub state: SubscriptionState,
+    /// Partners that billed it (while it was this customer's) and no longer do, each with
+    /// the facts that show it: the ones that made it the biller and the one that moved the
+    /// subscription away.
+    pub former_billers: Vec<(String, Vec<u64>)>,
+    /// Its transfer in progress, if any.
+    pub pending_transfer: Option<PendingTransfer>,
+}
+
+impl CustomerSubscription {
+    /// The facts that tie the subscription, as it stands, to the customer: cited by every
+    /// answer that reads anything reached through it.
+    pub fn tie(&self) -> &[u64] {
+        &self.state.evidence
+    }
 }
 
 /// The facts in force at one instant. Built from any set of recorded facts; facts that take
@@ -176,34 +201,37 @@ impl<'a> Snapshot<'a> {
             .collect()
     }
 
-    /// The subscription's state, and every partner that billed it earlier but no longer does,
-    /// with the facts that show it: the one that made it the biller and the one that moved
-    /// the subscription away.
-    pub fn subscription(
+    /// Subscription `subscription_id` if it is `customer_id`'s at the instant (its latest
+    /// subscription fact names the customer), with its billers past and present and its
+    /// transfer in progress; `None` for a subscription of another customer or one not
+    /// recorded. When a subscription fact moves it from one customer to another, what was
+    /// said of it before (billers, transfers) is not carried over to the new customer.
+    pub fn subscription_of(
         &self,
+        customer_id: &str,
         subscription_id: &str,
-    ) -> (Option<SubscriptionState>, Vec<(String, Vec<u64>)>) {
+    ) -> Option<CustomerSubscription> {
         let mut state: Option<SubscriptionState> = None;
         let mut former: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut latest_transfer: Option<(&Fact, u64)> = None;
         for recorded in &self.facts {
-            let previous_biller = state.as_ref().map(|s| s.biller_id.clone());
-            // What showed the previous biller to be the biller: its subscription fact and the
-            // completed transfers applied on top of it.
-            let previous_evidence = state
-                .as_ref()
-                .map(|s| s.evidence.clone())
-                .unwrap_or_default();
+            let previous = state.clone();
             match &recorded.fact {
                 Fact::Subscription {
                     subscription_id: id,
-                    customer_id,
+                    customer_id: owner,
                     biller_id,
                     support_contact_id,
                     provider_id,
                     active,
                 } if id == subscription_id => {
+                    if previous.as_ref().is_some_and(|p| p.customer_id != *owner) {
+                        // Another customer's subscription now: its history stays behind.
+                        former.clear();
+                        latest_transfer = None;
+                    }
                     state = Some(SubscriptionState {
-                        customer_id: customer_id.clone(),
+                        customer_id: owner.clone(),
                         biller_id: biller_id.clone(),
                         support_contact_id: if support_contact_id.is_empty() {
                             biller_id.clone()
@@ -218,9 +246,13 @@ impl<'a> Snapshot<'a> {
                 Fact::Transfer {
                     subscription_id: id,
                     to_partner_id,
-                    state: TransferState::Completed,
+                    state: transfer_state,
                     ..
                 } if id == subscription_id => {
+                    latest_transfer = Some((&recorded.fact, recorded.index));
+                    if *transfer_state != TransferState::Completed {
+                        continue;
+                    }
                     if let Some(current) = state.as_mut() {
                         current.biller_id = to_partner_id.clone();
                         current.support_contact_id = to_partner_id.clone();
@@ -229,47 +261,45 @@ impl<'a> Snapshot<'a> {
                 }
                 _ => continue,
             }
-            let now = state.as_ref().map(|s| s.biller_id.clone());
-            if let (Some(before), Some(now)) = (previous_biller, now) {
-                if before != now {
-                    former.retain(|(partner, _)| *partner != now);
-                    let mut shown_by = previous_evidence;
-                    shown_by.push(recorded.index);
-                    former.push((before, shown_by));
-                }
+            let (Some(before), Some(now)) = (previous, state.as_ref()) else {
+                continue;
+            };
+            if before.customer_id == now.customer_id && before.biller_id != now.biller_id {
+                former.retain(|(partner, _)| *partner != now.biller_id);
+                let mut shown_by = before.evidence;
+                shown_by.push(recorded.index);
+                former.push((before.biller_id, shown_by));
             }
         }
-        (state, former)
-    }
-
-    /// The transfer of the subscription in progress at the instant, if any.
-    pub fn pending_transfer(&self, subscription_id: &str) -> Option<PendingTransfer> {
-        self.facts
-            .iter()
-            .rev()
-            .find_map(|recorded| match &recorded.fact {
+        let state = state.filter(|s| s.customer_id == customer_id)?;
+        let pending_transfer = match latest_transfer {
+            Some((
                 Fact::Transfer {
-                    subscription_id: id,
                     from_partner_id,
                     to_partner_id,
-                    state,
-                } if id == subscription_id => Some(match state {
-                    TransferState::Started => Some(PendingTransfer {
-                        subscription_id: id.clone(),
-                        from_partner_id: from_partner_id.clone(),
-                        to_partner_id: to_partner_id.clone(),
-                        index: recorded.index,
-                        subscription_evidence: Vec::new(),
-                    }),
-                    _ => None,
-                }),
-                _ => None,
-            })?
+                    state: TransferState::Started,
+                    ..
+                },
+                index,
+            )) => Some(PendingTransfer {
+                subscription_id: subscription_id.to_string(),
+                from_partner_id: from_partner_id.clone(),
+                to_partner_id: to_partner_id.clone(),
+                index,
+            }),
+            _ => None,
+        };
+        Some(CustomerSubscription {
+            subscription_id: subscription_id.to_string(),
+            state,
+            former_billers: former,
+            pending_transfer,
+        })
     }
 
-    /// Transfers in progress of any subscription of the customer.
-    pub fn pending_transfers_of_customer(&self, customer_id: &str) -> Vec<PendingTransfer> {
-        let mut subscriptions: Vec<&str> = self
+    /// Every subscription that is the customer's at the instant.
+    pub fn subscriptions_of(&self, customer_id: &str) -> Vec<CustomerSubscription> {
+        let mut named: Vec<&str> = self
             .facts
             .iter()
             .filter_map(|recorded| match &recorded.fact {
@@ -281,18 +311,11 @@ impl<'a> Snapshot<'a> {
                 _ => None,
             })
             .collect();
-        subscriptions.sort_unstable();
-        subscriptions.dedup();
-        subscriptions
+        named.sort_unstable();
+        named.dedup();
+        named
             .into_iter()
-            .filter_map(|subscription| {
-                let (state, _) = self.subscription(subscription);
-                // Only subscriptions that belong to this customer at the instant.
-                let state = state.filter(|s| s.customer_id == customer_id)?;
-                let mut transfer = self.pending_transfer(subscription)?;
-                transfer.subscription_evidence = state.evidence;
-                Some(transfer)
-            })
+            .filter_map(|subscription| self.subscription_of(customer_id, subscription))
             .collect()
     }
 

@@ -15,7 +15,7 @@ use crate::ledger::time::Timestamp;
 
 /// Version of the rule table that decides, reported with every assessment. Bump it when a
 /// rule's meaning changes, so that stored answers can be told apart.
-pub const POLICY_VERSION: &str = "domain-table/1";
+pub const POLICY_VERSION: &str = "domain-table/2";
 
 /// What a communication is about (DOMAIN.md "Communication topics").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The decision table of DOMAIN.md, in one place. Rows are tried top to bottom; the first
 //! that matches decides. Rule names are public API: compliance tools filter on them.
 
-use super::facts::{PartyKind, PendingTransfer, Relationship, Snapshot, SubscriptionState};
+use super::facts::{CustomerSubscription, PartyKind, PendingTransfer, Relationship, Snapshot};
 use super::{Assessment, Question, RecordedFact, Topic, Verdict};
 
 /// The rules, by DOMAIN.md row number.
@@ -89,19 +89,11 @@ struct Situation<'q> {
     relationship: Relationship,
     /// Partners of record of the customer (any partner, the sender included).
     partners_of_record: Vec<(String, u64)>,
-    /// The subscription the communication is about, when it names one of this customer's.
-    subscription: Option<SubscriptionState>,
-    /// Partners that billed the subscription earlier and no longer do, with the facts
-    /// that show it.
-    former_billers: Vec<(String, Vec<u64>)>,
-    /// The facts the named subscription's latest state rests on, whichever customer it
-    /// belongs to: what shows that the rows about its biller and support contact do not
-    /// apply when a former biller asks.
-    subscription_as_it_stands: Vec<u64>,
-    /// The transfer of the named subscription in progress.
-    pending_transfer: Option<PendingTransfer>,
-    /// Transfers in progress of any of the customer's subscriptions.
-    customer_transfers: Vec<PendingTransfer>,
+    /// The subscription the communication is about, when it names one of this customer's
+    /// (a subscription of another customer, or one not recorded, is unknown: `None`).
+    subscription: Option<CustomerSubscription>,
+    /// Every subscription of the customer, for the transfers in progress among them.
+    subscriptions: Vec<CustomerSubscription>,
     /// A direct agreement covering the named product (or, with no product, any agreement).
     agreement: Option<u64>,
 }
@@ -138,11 +130,31 @@ impl Situation<'_> {
         evidence
     }
 
+    /// The facts that tie the named subscription to the customer (none when it is not the
+    /// customer's).
     fn subscription_evidence(&self) -> Vec<u64> {
         self.subscription
             .as_ref()
-            .map(|s| s.evidence.clone())
+            .map(|s| s.tie().to_vec())
             .unwrap_or_default()
+    }
+
+    /// The transfer in progress to the sender that allows TRANSITION talk (row 12), with the
+    /// subscription it moves: the named subscription's own when there is one, else one of
+    /// any of the customer's subscriptions.
+    fn transition_transfer(&self) -> Option<(&CustomerSubscription, &PendingTransfer)> {
+        let to_sender = |s: &'_ CustomerSubscription| {
+            s.pending_transfer
+                .as_ref()
+                .filter(|t| t.to_partner_id == self.question.sender_id)
+                .is_some()
+        };
+        let subscription = self
+            .subscription
+            .iter()
+            .find(|s| to_sender(s))
+            .or_else(|| self.subscriptions.iter().find(|s| to_sender(s)))?;
+        Some((subscription, subscription.pending_transfer.as_ref()?))
     }
 
     /// Partner of record of the customer: the sender's own relationship is in force.
@@ -265,7 +277,7 @@ impl Situation<'_> {
                 )
             }),
             Rule::Biller => {
-                let subscription = self.subscription.as_ref()?;
+                let subscription = &self.subscription.as_ref()?.state;
                 let of_record = self.sender_of_record()?;
                 (self.sender_is_partner() && subscription.active && subscription.biller_id == sender)
                     .then(|| {
@@ -278,7 +290,7 @@ impl Situation<'_> {
                     })
             }
             Rule::SupportContact => {
-                let subscription = self.subscription.as_ref()?;
+                let subscription = &self.subscription.as_ref()?.state;
                 (self.sender_is_partner()
                     && q.topic == Topic::Support
                     && subscription.active
@@ -294,7 +306,8 @@ impl Situation<'_> {
                     })
             }
             Rule::TransferPending => {
-                let transfer = self.pending_transfer.as_ref()?;
+                let subscription = self.subscription.as_ref()?;
+                let transfer = subscription.pending_transfer.as_ref()?;
                 (matches!(q.topic, Topic::Commercial | Topic::Support)
                     && transfer.to_partner_id == sender)
                     .then(|| {
@@ -303,34 +316,35 @@ impl Situation<'_> {
                                 "the transfer of {} to {sender} is not complete; billing and support stay with {}",
                                 transfer.subscription_id, transfer.from_partner_id
                             ),
-                            self.with_party([transfer.index]),
+                            self.with_party(subscription.tie().iter().copied().chain([transfer.index])),
                         )
                     })
             }
+            // One reading of rows 11-12 (docs/COMPLIANCE.md): a prospective partner may talk
+            // transition with the customer while any transfer of its subscriptions to that
+            // partner is in progress, whichever of the customer's subscriptions the message
+            // names, or none. A subscription that is not the customer's is none of them.
             Rule::Transition => {
-                if q.topic != Topic::Transition {
+                if q.topic != Topic::Transition
+                    || (self.about_subscription() && self.subscription.is_none())
+                {
                     return None;
                 }
-                let transfer = match &self.pending_transfer {
-                    Some(transfer) => Some(transfer),
-                    None if !self.about_subscription() => self.customer_transfers.iter().find(|t| t.to_partner_id == sender),
-                    None => None,
-                }?;
-                (transfer.to_partner_id == sender).then(|| {
-                    (
-                        format!(
-                            "{sender} is the prospective partner of the transfer of {} in progress",
-                            transfer.subscription_id
-                        ),
-                        self.with_party(
-                            transfer
-                                .subscription_evidence
-                                .iter()
-                                .copied()
-                                .chain([transfer.index]),
-                        ),
-                    )
-                })
+                let (moving, transfer) = self.transition_transfer()?;
+                Some((
+                    format!(
+                        "{sender} is the prospective partner of the transfer of {} in progress",
+                        transfer.subscription_id
+                    ),
+                    self.with_party(
+                        moving
+                            .tie()
+                            .iter()
+                            .copied()
+                            .chain([transfer.index])
+                            .chain(self.subscription_evidence()),
+                    ),
+                ))
             }
             Rule::FormerPartner => {
                 if !self.sender_is_partner() {
@@ -345,15 +359,16 @@ impl Situation<'_> {
                 if !self.about_subscription() {
                     return None;
                 }
-                let (_, shown_by) = self.former_billers.iter().find(|(p, _)| p == sender)?;
+                let subscription = self.subscription.as_ref()?;
+                let (_, shown_by) = subscription
+                    .former_billers
+                    .iter()
+                    .find(|(p, _)| p == sender)?;
+                // With the subscription as it stands: what shows that the rows about its
+                // biller and support contact do not apply.
                 Some((
                     format!("subscription {} moved away from {sender}", q.subscription_id),
-                    self.with_party(
-                        shown_by
-                            .iter()
-                            .chain(&self.subscription_as_it_stands)
-                            .copied(),
-                    ),
+                    self.with_party(shown_by.iter().chain(subscription.tie()).copied()),
                 ))
             }
             Rule::NotBiller => {
@@ -404,42 +419,23 @@ impl Situation<'_> {
     fn bills(&self) -> bool {
         self.subscription
             .as_ref()
-            .is_some_and(|s| s.active && s.biller_id == self.question.sender_id)
+            .is_some_and(|s| s.state.active && s.state.biller_id == self.question.sender_id)
     }
 }
 
 /// Judges `question` on the facts in force at `question.at`.
 pub fn assess(question: &Question, facts: &[RecordedFact]) -> Assessment {
     let snapshot = Snapshot::at(facts, question.at);
-    let (subscription, former_billers, subscription_as_it_stands) =
-        if question.subscription_id.is_empty() {
-            (None, Vec::new(), Vec::new())
-        } else {
-            let (state, former) = snapshot.subscription(&question.subscription_id);
-            let as_it_stands = state
-                .as_ref()
-                .map(|s| s.evidence.clone())
-                .unwrap_or_default();
-            // A subscription of another customer is not one this customer has.
-            (
-                state.filter(|s| s.customer_id == question.customer_id),
-                former,
-                as_it_stands,
-            )
-        };
     let product = (!question.product_id.is_empty()).then_some(question.product_id.as_str());
     let situation = Situation {
         question,
         sender: snapshot.party(&question.sender_id),
         relationship: snapshot.relationship(&question.customer_id, &question.sender_id),
         partners_of_record: snapshot.partners_of_record(&question.customer_id),
-        subscription,
-        former_billers,
-        subscription_as_it_stands,
-        pending_transfer: (!question.subscription_id.is_empty())
-            .then(|| snapshot.pending_transfer(&question.subscription_id))
+        subscription: (!question.subscription_id.is_empty())
+            .then(|| snapshot.subscription_of(&question.customer_id, &question.subscription_id))
             .flatten(),
-        customer_transfers: snapshot.pending_transfers_of_customer(&question.customer_id),
+        subscriptions: snapshot.subscriptions_of(&question.customer_id),
         agreement: snapshot.direct_agreement(&question.customer_id, product),
     };
     for (rule, _, verdict) in RULES {

@@ -686,6 +686,136 @@ fn moved_away_evidence_includes_the_subscription_as_it_stands() {
     expect(&rederived, Rule::FormerPartner, Verdict::Violation);
 }
 
+/// Issue 17: a subscription of another customer is unknown for this one, and so is every
+/// fact reached through it. Here `sub-d` is customer `d`'s and litware is the prospective
+/// partner of its transfer; nothing about it may reach an answer about c1.
+#[test]
+fn another_customers_transfer_never_reaches_this_customer() {
+    let mut world = direct_bill_world();
+    world.reseller(1, "d", "contoso", true);
+    world.subscription(1, "sub-d", "d", "contoso", "", "");
+    world.transfer(3, "sub-d", "contoso", "litware", TransferState::Started);
+    for topic in [Topic::Transition, Topic::Commercial, Topic::Support] {
+        expect(
+            &world.ask("litware", "c1", topic, "sub-d", "", 4),
+            Rule::NotAPartner,
+            Verdict::Violation,
+        );
+        expect(
+            &world.ask("litware", "c1", topic, "", "", 4),
+            Rule::NotAPartner,
+            Verdict::Violation,
+        );
+    }
+    // For d itself the transfer is in progress.
+    expect(
+        &world.ask("litware", "d", Topic::Transition, "sub-d", "", 4),
+        Rule::Transition,
+        Verdict::Allowed,
+    );
+}
+
+/// Issue 17: one reading of rows 11-12. While a transfer of one of c1's subscriptions to
+/// litware is in progress, TRANSITION talk is allowed whichever of c1's subscriptions it
+/// names, or none; commercial and support talk about the moving subscription is not.
+#[test]
+fn transition_talk_does_not_depend_on_which_of_the_customers_subscriptions_is_named() {
+    let mut world = direct_bill_world();
+    // sub-1's subscription fact, the last of direct_bill_world.
+    let moving = world.facts.len() as u64 - 1;
+    let other = world.subscription(1, "sub-2", "c1", "contoso", "", "");
+    let started = world.transfer(3, "sub-1", "contoso", "litware", TransferState::Started);
+    for named in ["sub-1", "sub-2", ""] {
+        let answer = world.ask("litware", "c1", Topic::Transition, named, "", 4);
+        expect(&answer, Rule::Transition, Verdict::Allowed);
+        // The evidence ties the moving subscription, and the one named, to c1.
+        assert!(
+            answer.evidence.contains(&started),
+            "{named}: {:?}",
+            answer.evidence
+        );
+        assert!(
+            answer.evidence.contains(&moving),
+            "{named}: {:?}",
+            answer.evidence
+        );
+        if named == "sub-2" {
+            assert!(answer.evidence.contains(&other), "{:?}", answer.evidence);
+        }
+    }
+    // Row 11 is about the moving subscription only: commercial talk naming sub-2 from a
+    // partner with no relationship is row 17's.
+    expect(
+        &world.ask("litware", "c1", Topic::Commercial, "sub-1", "", 4),
+        Rule::TransferPending,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("litware", "c1", Topic::Commercial, "sub-2", "", 4),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+    // A subscription that is not c1's is none of c1's subscriptions.
+    world.subscription(1, "sub-d", "d", "contoso", "", "");
+    expect(
+        &world.ask("litware", "c1", Topic::Transition, "sub-d", "", 4),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+}
+
+/// Issue 17: a transfer recorded before the subscription it moves (feeds deliver facts in
+/// any order) is judged with what is in force at each instant.
+#[test]
+fn a_transfer_recorded_before_its_subscription_counts_once_the_subscription_is_in_force() {
+    let mut world = World::new();
+    world.reseller(1, "c1", "contoso", true);
+    let started = world.transfer(3, "sub-1", "contoso", "litware", TransferState::Started);
+    // Not yet known as c1's: the transfer reaches no customer.
+    expect(
+        &world.ask("litware", "c1", Topic::Transition, "", "", 4),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+    // Recorded later, in force from day 1: the transfer is c1's from day 3.
+    let subscription = world.subscription(1, "sub-1", "c1", "contoso", "", "");
+    let answer = world.ask("litware", "c1", Topic::Transition, "", "", 4);
+    expect(&answer, Rule::Transition, Verdict::Allowed);
+    assert!(answer.evidence.contains(&started) && answer.evidence.contains(&subscription));
+    expect(
+        &world.ask("litware", "c1", Topic::Transition, "", "", 2),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+}
+
+/// A subscription moved to another customer takes its history with it: its former billers
+/// and transfers say nothing about the customer it left, nor about the one it joined.
+#[test]
+fn a_subscription_that_changes_customer_leaves_its_history_behind() {
+    let mut world = direct_bill_world();
+    world.reseller(1, "d", "litware", true);
+    world.transfer(2, "sub-1", "contoso", "fabrikam", TransferState::Started);
+    world.subscription(3, "sub-1", "d", "litware", "", "");
+    // For c1, sub-1 is no longer its subscription: contoso (still of record) is row 15's.
+    expect(
+        &world.ask("contoso", "c1", Topic::Support, "sub-1", "", 4),
+        Rule::MultiPartner,
+        Verdict::Allowed,
+    );
+    // For d, the transfer started while sub-1 was c1's is not d's transfer.
+    expect(
+        &world.ask("fabrikam", "d", Topic::Transition, "sub-1", "", 4),
+        Rule::NotAPartner,
+        Verdict::Violation,
+    );
+    expect(
+        &world.ask("litware", "d", Topic::Commercial, "sub-1", "", 4),
+        Rule::Biller,
+        Verdict::Allowed,
+    );
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
@@ -764,6 +894,77 @@ mod properties {
         prop_oneof![party, reseller, subscription, transfer, agreement]
     }
 
+    /// Facts of customer `d`, whose subscriptions `d1` and `d2` no other customer ever has.
+    fn other_customer_fact() -> impl Strategy<Value = Fact> {
+        let reseller =
+            (pick(&SENDERS), any::<bool>()).prop_map(|(p, active)| Fact::ResellerRelationship {
+                customer_id: "d".into(),
+                partner_id: p.into(),
+                active,
+            });
+        let subscription =
+            (pick(&["d1", "d2"]), pick(&SENDERS), any::<bool>()).prop_map(|(s, biller, active)| {
+                Fact::Subscription {
+                    subscription_id: s.into(),
+                    customer_id: "d".into(),
+                    biller_id: biller.into(),
+                    support_contact_id: String::new(),
+                    provider_id: String::new(),
+                    active,
+                }
+            });
+        let transfer = (pick(&["d1", "d2"]), pick(&SENDERS), pick(&SENDERS), 0..3u8).prop_map(
+            |(s, from, to, state)| Fact::Transfer {
+                subscription_id: s.into(),
+                from_partner_id: from.into(),
+                to_partner_id: to.into(),
+                state: [
+                    TransferState::Started,
+                    TransferState::Completed,
+                    TransferState::Cancelled,
+                ][state as usize],
+            },
+        );
+        let agreement =
+            (pick(&["", "x"]), any::<bool>()).prop_map(|(p, active)| Fact::DirectAgreement {
+                customer_id: "d".into(),
+                product_id: p.into(),
+                active,
+            });
+        prop_oneof![reseller, subscription, transfer, agreement]
+    }
+
+    /// Whether an auditor holding only the evidence can tell that every fact in it concerns
+    /// the question: the sender's party fact, the customer's relationships, agreements and
+    /// subscriptions, and transfers of a subscription the evidence itself shows to be the
+    /// customer's.
+    fn tied_to_the_question(question: &Question, evidence: &[RecordedFact]) -> Result<(), String> {
+        let customers = |subscription: &str| {
+            evidence.iter().any(|recorded| {
+                matches!(&recorded.fact, Fact::Subscription { subscription_id, customer_id, .. }
+                    if subscription_id == subscription && *customer_id == question.customer_id)
+            })
+        };
+        for recorded in evidence {
+            let tied = match &recorded.fact {
+                Fact::Party { party_id, .. } => *party_id == question.sender_id,
+                Fact::ResellerRelationship { customer_id, .. }
+                | Fact::Subscription { customer_id, .. }
+                | Fact::DirectAgreement { customer_id, .. } => *customer_id == question.customer_id,
+                Fact::Transfer {
+                    subscription_id, ..
+                } => customers(subscription_id),
+            };
+            if !tied {
+                return Err(format!(
+                    "evidence {} does not show it concerns {} ({:?})",
+                    recorded.index, question.customer_id, recorded.fact
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn question() -> impl Strategy<Value = Question> {
         (
             pick(&SENDERS),
@@ -831,12 +1032,58 @@ mod properties {
                 .collect();
             let rederived = assess(&question, &evidence);
             prop_assert_eq!((rederived.rule, rederived.verdict), (answer.rule, answer.verdict));
+            if let Err(loose) = tied_to_the_question(&question, &evidence) {
+                prop_assert!(false, "{}: {}", answer.rule.name(), loose);
+            }
             let in_force: Vec<RecordedFact> = recorded
                 .iter()
                 .filter(|fact| fact.effective_at <= question.at)
                 .cloned()
                 .collect();
             prop_assert_eq!(assess(&question, &in_force), answer);
+        }
+
+        /// Facts about another customer (its relationships, agreements, subscriptions and
+        /// their transfers) never change an answer about this one, whatever it names.
+        #[test]
+        fn facts_about_other_customers_never_change_an_answer(
+            facts in prop::collection::vec((fact(), 0..40i64), 0..20),
+            others in prop::collection::vec((other_customer_fact(), 0..40i64), 0..12),
+            question in question(),
+            named_other in prop::sample::select(vec![None, Some("d1"), Some("d2")]),
+            order in prop::collection::vec(any::<bool>(), 32),
+        ) {
+            let mut question = question;
+            if let Some(subscription) = named_other {
+                question.subscription_id = subscription.into();
+                question.product_id = String::new();
+            }
+            // Interleave the two histories in ledger order.
+            let (mut ours, mut theirs) = (facts.into_iter(), others.into_iter());
+            let mut recorded = Vec::new();
+            let mut own = Vec::new();
+            for pick_ours in order.into_iter().chain(std::iter::repeat(true)) {
+                let mut ours_next = || ours.next().map(|f| (f, true));
+                let mut theirs_next = || theirs.next().map(|f| (f, false));
+                let next = if pick_ours {
+                    ours_next().or_else(theirs_next)
+                } else {
+                    theirs_next().or_else(ours_next)
+                };
+                let Some(((fact, day), is_ours)) = next else {
+                    break;
+                };
+                let fact = RecordedFact {
+                    index: recorded.len() as u64,
+                    effective_at: Timestamp { seconds: day * DAY, nanos: 0 },
+                    fact,
+                };
+                if is_ours {
+                    own.push(fact.clone());
+                }
+                recorded.push(fact);
+            }
+            prop_assert_eq!(assess(&question, &recorded), assess(&question, &own));
         }
     }
 }
