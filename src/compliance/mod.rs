@@ -146,40 +146,40 @@ impl Compliance {
         }
     }
 
-    /// The recorded facts a question about `customer_id` from `sender_id` (naming
-    /// `subscription_id`, or none) can rest on, at indices below `tree_size`: the sender's
-    /// party facts, the customer's facts (relationships, agreements, its subscriptions'
-    /// facts), every fact of each subscription the customer has had (its transfers, and any
-    /// later fact that moved it elsewhere) and every fact of the named subscription. Prefix
-    /// scans of index lists, independent of ledger size. Each list is taken from `lists`
-    /// (lists read at `tree_size`), read and kept there when it is not held yet.
+    /// The recorded facts `question` can rest on, at indices below `tree_size`: the
+    /// sender's party facts, the customer's facts (relationships, agreements, its
+    /// subscriptions' facts), every fact of the named subscription (its transfers, and any
+    /// later fact that moved it elsewhere) and, when the rules read them
+    /// ([`Question::reads_every_subscription`]), every fact of each subscription the customer
+    /// has had. Prefix scans of index lists, independent of ledger size. Each list is taken
+    /// from `lists` (lists read at `tree_size`), read and kept there when it is not held yet.
     ///
     /// Whether a subscription is the customer's at the question's instant, and so whether
     /// anything reached through it counts, is the policy's to decide
     /// ([`policy::Snapshot::subscription_of`]); this only gathers.
     fn facts_from(
         &self,
-        sender_id: &str,
-        customer_id: &str,
-        subscription_id: &str,
+        question: &Question,
         tree_size: u64,
         lists: &mut FactLists,
     ) -> Result<Vec<RecordedFact>, LedgerError> {
-        let customer = list_prefix(b'F', FACT_BY_CUSTOMER, customer_id);
+        let customer = list_prefix(b'F', FACT_BY_CUSTOMER, &question.customer_id);
         let mut prefixes = vec![
-            list_prefix(b'F', FACT_BY_PARTY, sender_id),
+            list_prefix(b'F', FACT_BY_PARTY, &question.sender_id),
             customer.clone(),
         ];
-        self.read_list(&customer, tree_size, lists)?;
-        let mut subscriptions: Vec<&str> = lists[&customer]
-            .iter()
-            .filter_map(|(_, fact)| match &fact.kind {
-                Some(proto::fact::Kind::Subscription(s)) => Some(s.subscription_id.as_str()),
-                _ => None,
-            })
-            .collect();
-        if !subscription_id.is_empty() {
-            subscriptions.push(subscription_id);
+        let mut subscriptions: Vec<&str> = Vec::new();
+        if question.reads_every_subscription() {
+            self.read_list(&customer, tree_size, lists)?;
+            subscriptions.extend(lists[&customer].iter().filter_map(
+                |(_, fact)| match &fact.kind {
+                    Some(proto::fact::Kind::Subscription(s)) => Some(s.subscription_id.as_str()),
+                    _ => None,
+                },
+            ));
+        }
+        if !question.subscription_id.is_empty() {
+            subscriptions.push(&question.subscription_id);
         }
         subscriptions.sort_unstable();
         subscriptions.dedup();
@@ -259,13 +259,7 @@ impl Compliance {
         tree_size: u64,
         lists: &mut FactLists,
     ) -> Result<Assessment, LedgerError> {
-        let facts = self.facts_from(
-            &question.sender_id,
-            &question.customer_id,
-            &question.subscription_id,
-            tree_size,
-            lists,
-        )?;
+        let facts = self.facts_from(question, tree_size, lists)?;
         Ok(policy::assess(question, &facts))
     }
 

@@ -48,6 +48,16 @@ pub struct Question {
     pub at: Timestamp,
 }
 
+impl Question {
+    /// Whether the rules read the customer's subscriptions other than the one named: only
+    /// row 12 does (transition talk about any of the customer's transfers in progress), so
+    /// only for `TRANSITION`. [`assess`] reads them on that condition alone, and a caller
+    /// gathering facts may skip them otherwise.
+    pub fn reads_every_subscription(&self) -> bool {
+        self.topic == Topic::Transition
+    }
+}
+
 /// The answer, with what it rests on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assessment {

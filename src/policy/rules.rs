@@ -435,7 +435,11 @@ pub fn assess(question: &Question, facts: &[RecordedFact]) -> Assessment {
         subscription: (!question.subscription_id.is_empty())
             .then(|| snapshot.subscription_of(&question.customer_id, &question.subscription_id))
             .flatten(),
-        subscriptions: snapshot.subscriptions_of(&question.customer_id),
+        subscriptions: if question.reads_every_subscription() {
+            snapshot.subscriptions_of(&question.customer_id)
+        } else {
+            Vec::new()
+        },
         agreement: snapshot.direct_agreement(&question.customer_id, product),
     };
     for (rule, _, verdict) in RULES {
