@@ -154,7 +154,7 @@ impl Scenario {
 
     async fn tree_size(&mut self) -> u64 {
         self.ledger
-            .get_checkpoint(GetCheckpointRequest {})
+            .get_checkpoint(GetCheckpointRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -834,7 +834,7 @@ async fn evidence_is_provable_and_re_derives_the_verdict() {
     // The signed checkpoint the answer can be proven against.
     let checkpoint = s
         .ledger
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
