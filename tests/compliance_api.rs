@@ -596,3 +596,59 @@ async fn a_listing_of_n_at_page_size_n_takes_one_call_in_every_paged_method() {
     assert_eq!(calls, records.max(1));
     server.stop().await;
 }
+
+/// The `violations` example of docs/INTEGRATION.md: the new filters from the command line.
+#[tokio::test]
+async fn the_violations_command_filters_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut api = Api::new(&server.address).await;
+    api.history().await;
+    for communication in mixed() {
+        api.send(communication).await;
+    }
+    let url = format!("http://{}", server.address);
+    let run = |args: Vec<&str>| {
+        let url = url.clone();
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::binary())
+                .arg("violations")
+                .args(["--server", &url])
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run(vec![
+        "--subscription",
+        "sub-a1",
+        "--topic",
+        "commercial",
+        "--verdicts",
+        "both",
+        "--output",
+        "json",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let ids: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            row["message_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["m2", "m3"]);
+    let output = run(vec!["--product", "azure-sphere", "--verdicts", "reviews"])
+        .await
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("m4") && text.contains("m5") && !text.contains("m7"),
+        "{text}"
+    );
+    server.stop().await;
+}
