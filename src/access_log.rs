@@ -101,8 +101,16 @@ pub enum TrailMismatch {
         "access record {index} is not the one the checkpoint at size {size} anchors: the access trail was altered or replaced"
     )]
     Differs { index: u64, size: u64 },
+    /// The message says the storage error, so it is not a `source()` too (the chain
+    /// would say it twice).
     #[error("the access log cannot be read: {0}")]
-    Unreadable(#[from] StorageError),
+    Unreadable(StorageError),
+}
+
+impl From<StorageError> for TrailMismatch {
+    fn from(error: StorageError) -> Self {
+        TrailMismatch::Unreadable(error)
+    }
 }
 
 /// The first broken link of a chain.

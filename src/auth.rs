@@ -179,10 +179,11 @@ impl Principal {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Said in the message, so not a `source()` (the chain would say it twice).
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -228,9 +229,9 @@ pub fn digest_hex(bytes: &[u8]) -> String {
 }
 
 fn read_file(path: &Path) -> Result<AuthFile, AuthError> {
-    let text = fs::read_to_string(path).map_err(|source| AuthError::Io {
+    let text = fs::read_to_string(path).map_err(|error| AuthError::Io {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     toml::from_str(&text).map_err(|error| AuthError::Invalid {
         path: path.to_owned(),
@@ -365,9 +366,9 @@ pub fn add_token(
         path,
         &format!("# audit-ledger principals: tokens are kept as SHA-256 only.\n{text}"),
     )
-    .map_err(|source| AuthError::Io {
+    .map_err(|error| AuthError::Io {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     Ok(token)
 }

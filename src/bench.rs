@@ -239,7 +239,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         let mut client =
             LedgerServiceClient::with_interceptor(channels[0].clone(), interceptor.clone());
         let size = client
-            .get_checkpoint(GetCheckpointRequest {})
+            .get_checkpoint(GetCheckpointRequest::default())
             .await?
             .into_inner()
             .checkpoint

@@ -19,10 +19,11 @@ pub const KEY_FILE_NAME: &str = "signing.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Said in the message, so not a `source()` (the chain would say it twice).
+        error: std::io::Error,
     },
     #[error("{0}: not a signer key of the form PRIVATE+KEY+<name>+<id>+<base64>")]
     Malformed(PathBuf),
@@ -45,9 +46,9 @@ pub enum KeyError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
-    move |source| KeyError::Io {
+    move |error| KeyError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -70,13 +71,13 @@ pub fn key_path(data_dir: &Path, explicit: Option<&Path>) -> PathBuf {
 
 /// Reads a signer key file.
 pub fn load(path: &Path) -> Result<CheckpointSigner, KeyError> {
-    let metadata = fs::metadata(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
+    let metadata = fs::metadata(path).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
             KeyError::Missing(path.to_owned())
         } else {
             KeyError::Io {
                 path: path.to_owned(),
-                source,
+                error,
             }
         }
     })?;

@@ -195,6 +195,16 @@ struct ViolationsArgs {
     /// Also list REVIEW verdicts.
     #[arg(long)]
     include_review: bool,
+    /// Which verdicts: violations, reviews or both (overrides --include-review).
+    #[arg(long)]
+    verdicts: Option<String>,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    subscription: Option<String>,
+    /// Only communications about this non-CSP product.
+    #[arg(long)]
+    product: Option<String>,
     #[arg(long, default_value_t = 0)]
     as_of_tree_size: u64,
 }
@@ -504,10 +514,13 @@ fn main() -> ExitCode {
                 sender: args.filters.sender,
                 from: args.filters.from,
                 to: args.filters.to,
+                topic: args.topic,
+                subscription: args.subscription,
+                product: args.product,
                 rule: args.rule,
                 include_review: args.include_review,
+                verdicts: args.verdicts,
                 as_of_tree_size: args.as_of_tree_size,
-                ..Default::default()
             };
             client::commands::violations(&args.client.connection(), filters, args.client.output)
                 .await

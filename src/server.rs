@@ -39,24 +39,46 @@ const WRITES_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 /// Directory of the sled store inside the data dir.
 pub const STORE_DIR_NAME: &str = "store";
 
+/// Why the server cannot start. Each variant says its cause in its own message, so none
+/// returns it as `source()` as well: `main` prints an error with its chain of sources, which
+/// would say the cause twice (hence `From` below rather than `#[from]`, which implies
+/// `#[source]`).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
     Config(String),
     #[error("auth: {0}")]
-    Auth(#[from] crate::auth::AuthError),
+    Auth(crate::auth::AuthError),
     #[error("signing key: {0}")]
-    Key(#[from] KeyError),
+    Key(KeyError),
     #[error("store: {0}")]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     #[error("{0}")]
-    Ledger(#[from] LedgerError),
+    Ledger(LedgerError),
     /// The access trail does not hold what the latest signed checkpoint anchors.
     #[error(
         "refusing to start: {0}. Every read by an auditor or admin must stay on record; put back store/access.log as it was (a copy at least as new as that checkpoint) and run `audit-ledger verify`"
     )]
-    AccessTrail(#[from] crate::access_log::TrailMismatch),
+    AccessTrail(crate::access_log::TrailMismatch),
 }
+
+macro_rules! server_error_from {
+    ($($variant:ident($cause:ty)),* $(,)?) => {
+        $(impl From<$cause> for ServerError {
+            fn from(cause: $cause) -> Self {
+                ServerError::$variant(cause)
+            }
+        })*
+    };
+}
+
+server_error_from!(
+    Auth(crate::auth::AuthError),
+    Key(KeyError),
+    Storage(StorageError),
+    Ledger(LedgerError),
+    AccessTrail(crate::access_log::TrailMismatch),
+);
 
 /// An opened ledger, ready to serve.
 pub struct Server {

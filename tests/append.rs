@@ -67,7 +67,7 @@ async fn unary_and_batch_appends_get_contiguous_indices_and_chain() {
     assert_eq!(batch.results[4].leaf_hash, prev);
 
     let checkpoint = client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -231,7 +231,7 @@ async fn retries_are_idempotent_and_conflicts_are_refused() {
         status.message()
     );
     let size = client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -426,7 +426,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_appends_nothing() {
 
     // Only the one good append landed.
     let checkpoint = client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -439,12 +439,12 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_appends_nothing() {
         .get_entry(GetEntryRequest { index: 1 })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::OutOfRange);
     let status = client
         .get_entry(GetEntryRequest { index: u64::MAX })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::OutOfRange);
     let status = client
         .list_entries(ListEntriesRequest {
             start_index: 5,

@@ -154,7 +154,7 @@ impl Scenario {
 
     async fn tree_size(&mut self) -> u64 {
         self.ledger
-            .get_checkpoint(GetCheckpointRequest {})
+            .get_checkpoint(GetCheckpointRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -745,8 +745,10 @@ async fn a_batch_is_judged_as_each_communication_alone() {
             )
             .await;
         // CheckSender asks at the instant given; the communication was judged at its
-        // sent_at, a few seconds later the same day: no fact changes in between.
+        // sent_at, a few seconds later the same day: no fact changes in between. (Each
+        // answer names the instant it judged.)
         alone.explanation.clone_from(&judged.explanation);
+        alone.at = judged.at;
         assert_eq!(
             judged, alone,
             "{sender} -> {customer} about {topic:?} on day {day}"
@@ -848,7 +850,7 @@ async fn proven_evidence(
 ) -> Vec<audit_ledger::policy::RecordedFact> {
     let checkpoint = s
         .ledger
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -1150,7 +1152,13 @@ async fn bad_compliance_input_is_invalid_argument_and_records_nothing() {
         ),
     ] {
         let status = s.compliance.check_sender(request).await.unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument);
+        // A size past the tree is OUT_OF_RANGE, in every method.
+        let code = if field == "as_of_tree_size" {
+            Code::OutOfRange
+        } else {
+            Code::InvalidArgument
+        };
+        assert_eq!(status.code(), code);
         assert!(
             status.message().starts_with(field),
             "{field}: {}",
@@ -1205,7 +1213,12 @@ async fn bad_compliance_input_is_invalid_argument_and_records_nothing() {
         ),
     ] {
         let status = s.compliance.list_violations(request).await.unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument);
+        let code = if field == "as_of_tree_size" {
+            Code::OutOfRange
+        } else {
+            Code::InvalidArgument
+        };
+        assert_eq!(status.code(), code);
         assert!(
             status.message().starts_with(field),
             "{field}: {}",

@@ -59,7 +59,7 @@ async fn proofs_fetched_while_writing_verify_against_their_checkpoints() {
             let mut proofs = 0u64;
             while !done.load(Ordering::Relaxed) || proofs == 0 {
                 let checkpoint = client
-                    .get_checkpoint(GetCheckpointRequest {})
+                    .get_checkpoint(GetCheckpointRequest::default())
                     .await
                     .unwrap()
                     .into_inner()
@@ -134,7 +134,7 @@ async fn proofs_fetched_while_writing_verify_against_their_checkpoints() {
     assert!(proofs >= 8, "readers ran alongside the writers");
     let mut client = server.client().await;
     let last = client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -103,7 +103,7 @@ async fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_restart() 
 
     // Reads go on, and show exactly what was acknowledged: nothing half-written.
     let checkpoint = client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -126,7 +126,7 @@ async fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_restart() 
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::OutOfRange);
 
     // Still full (sled may give some space back by itself, so take what is left): still
     // refused, and the refused batch is not there.
@@ -149,7 +149,7 @@ async fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_restart() 
     );
     assert!(status.message().contains("retry"), "{}", status.message());
     let unchanged = client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -258,7 +258,7 @@ async fn audit_reads(auditor: &mut AuthedClient, size: u64) -> Result<(), tonic:
         .get_entry(GetEntryRequest { index: size - 1 })
         .await?;
     let checkpoint = auditor
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await?
         .into_inner()
         .checkpoint

@@ -140,7 +140,7 @@ async fn tls_settings_may_come_from_flag_environment_and_file_together() {
                 .await
                 .expect("TLS connection");
             LedgerServiceClient::new(channel)
-                .get_checkpoint(GetCheckpointRequest {})
+                .get_checkpoint(GetCheckpointRequest::default())
                 .await
                 .expect("a call over TLS")
                 .into_inner()

@@ -213,13 +213,16 @@ async fn proofs_past_the_tree_are_refused_cleanly() {
             .unwrap();
     }
     let inclusion = |index, tree_size| GetInclusionProofRequest { index, tree_size };
+    // An index or size past the current tree (5 entries) is OUT_OF_RANGE; within it, a
+    // request that describes no proof is INVALID_ARGUMENT.
     for (request, code) in [
-        (inclusion(5, 5), Code::InvalidArgument),
-        (inclusion(9, 5), Code::InvalidArgument),
+        (inclusion(5, 5), Code::OutOfRange),
+        (inclusion(9, 5), Code::OutOfRange),
+        (inclusion(4, 3), Code::InvalidArgument),
         (inclusion(0, 6), Code::OutOfRange),
         (inclusion(0, u64::MAX), Code::OutOfRange),
         (inclusion(u64::MAX, u64::MAX), Code::OutOfRange),
-        (inclusion(7, 0), Code::InvalidArgument),
+        (inclusion(7, 0), Code::OutOfRange),
     ] {
         let status = client.get_inclusion_proof(request).await.unwrap_err();
         assert_eq!(status.code(), code, "{status:?}");
@@ -229,7 +232,9 @@ async fn proofs_past_the_tree_are_refused_cleanly() {
         (consistency(3, 6), Code::OutOfRange),
         (consistency(4, 3), Code::InvalidArgument),
         (consistency(u64::MAX - 1, u64::MAX), Code::OutOfRange),
-        (consistency(u64::MAX, 0), Code::InvalidArgument),
+        (consistency(u64::MAX, 0), Code::OutOfRange),
+        (consistency(6, 5), Code::OutOfRange),
+        (consistency(6, 0), Code::OutOfRange),
     ] {
         let status = client.get_consistency_proof(request).await.unwrap_err();
         assert_eq!(status.code(), code, "{status:?}");
@@ -238,6 +243,247 @@ async fn proofs_past_the_tree_are_refused_cleanly() {
         .get_entry(GetEntryRequest { index: 5 })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::OutOfRange);
     server.stop().await;
+}
+
+/// The one rule, in every method: a size or index past the current tree is OUT_OF_RANGE.
+/// `ListEntries` from the tree size itself is an empty stream (nothing recorded there yet).
+#[tokio::test]
+async fn a_size_or_index_past_the_tree_is_out_of_range_in_every_method() {
+    use audit_ledger::proto::compliance_service_client::ComplianceServiceClient;
+    use audit_ledger::proto::{
+        CheckSenderRequest, GetCheckpointRequest, ListEntriesRequest, ListViolationsRequest, Topic,
+    };
+    use tokio_stream::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let mut compliance = ComplianceServiceClient::connect(format!("http://{}", server.address))
+        .await
+        .unwrap();
+    for n in 0..3 {
+        client
+            .append(AppendRequest {
+                communication: Some(communication("s", n)),
+            })
+            .await
+            .unwrap();
+    }
+    let size = checkpoint(&mut client).await.size;
+    assert_eq!(size, 3);
+    let mut statuses = vec![
+        client
+            .get_entry(GetEntryRequest { index: size })
+            .await
+            .unwrap_err(),
+        client
+            .get_inclusion_proof(GetInclusionProofRequest {
+                index: size,
+                tree_size: 0,
+            })
+            .await
+            .unwrap_err(),
+        client
+            .get_consistency_proof(GetConsistencyProofRequest {
+                from_size: size + 1,
+                to_size: 0,
+            })
+            .await
+            .unwrap_err(),
+        client
+            .get_consistency_proof(GetConsistencyProofRequest {
+                from_size: 1,
+                to_size: size + 1,
+            })
+            .await
+            .unwrap_err(),
+        client
+            .list_entries(ListEntriesRequest {
+                start_index: size + 1,
+                limit: 0,
+            })
+            .await
+            .unwrap_err(),
+        client
+            .get_checkpoint(GetCheckpointRequest {
+                tree_size: size + 1,
+            })
+            .await
+            .unwrap_err(),
+        compliance
+            .check_sender(CheckSenderRequest {
+                sender_id: "s".into(),
+                customer_id: "c".into(),
+                topic: Topic::General as i32,
+                as_of_tree_size: size + 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        compliance
+            .list_violations(ListViolationsRequest {
+                as_of_tree_size: size + 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ];
+    for status in statuses.drain(..) {
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert!(
+            status.message().contains("past the current tree size 3")
+                || status
+                    .message()
+                    .contains("not below the current tree size 3"),
+            "{status:?}"
+        );
+    }
+    // From the tree size: an empty stream, as documented.
+    let stream = client
+        .list_entries(ListEntriesRequest {
+            start_index: size,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entries: Vec<_> = stream.collect().await;
+    assert!(entries.is_empty(), "{entries:?}");
+    server.stop().await;
+}
+
+/// Every group commit's checkpoint is kept and served by size (also after a restart), so
+/// an old proof can be checked against the note the ledger signed then; a size inside a
+/// group is NOT_FOUND naming the signed sizes around it.
+#[tokio::test]
+async fn every_signed_checkpoint_is_served_by_its_tree_size() {
+    use audit_ledger::proto::AppendBatchRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let verifier_key = verifier_key_from_cli(dir.path());
+    let mut client = server.client().await;
+    let mut seen = Vec::new();
+    let mut leaf_hashes = Vec::new();
+    for group in 0..4u64 {
+        // Groups of 1, 3, 1, 3 entries: sizes 1, 4, 5, 8.
+        let count = if group % 2 == 0 { 1 } else { 3 };
+        let results = client
+            .append_batch(AppendBatchRequest {
+                communications: (0..count)
+                    .map(|n| communication("s", group * 10 + n))
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        leaf_hashes.extend(results.iter().map(|r| hash32(&r.leaf_hash)));
+        seen.push(checkpoint(&mut client).await);
+    }
+    let sizes: Vec<u64> = seen.iter().map(|c| c.size).collect();
+    assert_eq!(sizes, [1, 4, 5, 8]);
+    served_by_size(&mut client, &seen, &leaf_hashes, &verifier_key).await;
+    server.stop().await;
+    // Kept durably: the same after a restart.
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    served_by_size(&mut client, &seen, &leaf_hashes, &verifier_key).await;
+    server.stop().await;
+}
+
+/// Each checkpoint `seen` is served again by its size, and an old proof checks against it.
+async fn served_by_size(
+    client: &mut common::Client,
+    seen: &[audit_ledger::proto::Checkpoint],
+    leaf_hashes: &[rfc9162::Hash],
+    verifier_key: &str,
+) {
+    use audit_ledger::proto::GetCheckpointRequest;
+    let at = |tree_size| GetCheckpointRequest { tree_size };
+    for old in seen {
+        let served = client
+            .get_checkpoint(at(old.size))
+            .await
+            .unwrap()
+            .into_inner()
+            .checkpoint
+            .unwrap();
+        assert_eq!(&served, old, "the note signed at size {}", old.size);
+        let (_, size, root) = verify_note(&served.note, verifier_key);
+        assert_eq!(size, old.size);
+        let proof = client
+            .get_inclusion_proof(GetInclusionProofRequest {
+                index: 0,
+                tree_size: size,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(rfc9162::verify_inclusion(
+            0,
+            size,
+            &leaf_hashes[0],
+            &proof.hashes,
+            &root
+        ));
+    }
+    // 0: the latest.
+    let latest = client
+        .get_checkpoint(at(0))
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    assert_eq!(latest.size, 8);
+    // Inside a group: NOT_FOUND, naming the signed sizes around it.
+    for (inside, below, above) in [(2, 1, 4), (3, 1, 4), (6, 5, 8), (7, 5, 8)] {
+        let status = client.get_checkpoint(at(inside)).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!(
+                "tree_size: no checkpoint was signed at tree size {inside} (the nearest signed sizes are {below} and {above})"
+            )
+        );
+    }
+    let status = client.get_checkpoint(at(9)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+}
+
+/// An error's reason is said once, not again by each error that wraps it (an invalid
+/// `--origin` said its reason twice, a missing auth file three times).
+#[test]
+fn a_startup_error_says_its_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-auth-file");
+    for (args, reason) in [
+        (
+            vec!["--origin", "has space"],
+            "is not a valid note key name".to_owned(),
+        ),
+        (
+            vec!["--auth-file", missing.to_str().unwrap()],
+            "No such file or directory".to_owned(),
+        ),
+    ] {
+        let output = std::process::Command::new(common::binary())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let error = stderr
+            .lines()
+            .find(|line| line.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        assert_eq!(error.matches(reason.as_str()).count(), 1, "{error}");
+    }
 }

@@ -147,7 +147,7 @@ async fn arbitrary_bytes_on_the_wire_get_clean_statuses() {
     }
     // Still serving, and whatever got appended forms a ledger that verifies.
     client
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap();
     server.stop().await;

@@ -81,7 +81,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
     for token in [None, Some("alt_not-a-real-token")] {
         let status = ledger_as(&address, token)
             .await
-            .get_checkpoint(GetCheckpointRequest {})
+            .get_checkpoint(GetCheckpointRequest::default())
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated, "{token:?}");
@@ -102,7 +102,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
             .await
             .unwrap_err(),
         writer
-            .get_checkpoint(GetCheckpointRequest {})
+            .get_checkpoint(GetCheckpointRequest::default())
             .await
             .unwrap_err(),
     ] {
@@ -189,7 +189,7 @@ async fn tokens_and_roles_decide_who_may_call_what() {
         status.message()
     );
     let size = admin
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -623,12 +623,17 @@ async fn tls_with_tokens_and_client_certificates() {
         .await
         .unwrap();
     let status = LedgerServiceClient::new(channel)
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     let mut plain = common::connect(&server.address).await;
-    assert!(plain.get_checkpoint(GetCheckpointRequest {}).await.is_err());
+    assert!(
+        plain
+            .get_checkpoint(GetCheckpointRequest::default())
+            .await
+            .is_err()
+    );
     server.stop().await;
 }
 
@@ -969,7 +974,7 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
                 auditor.get_entry(GetEntryRequest { index }).await.unwrap();
             }
             auditor
-                .get_checkpoint(GetCheckpointRequest {})
+                .get_checkpoint(GetCheckpointRequest::default())
                 .await
                 .unwrap();
             // Checkpoints anchor what of the trail is on disk: flushed within 500 ms.

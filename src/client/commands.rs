@@ -58,6 +58,7 @@ pub async fn check(
             "evidence",
             "tree_size",
             "policy_version",
+            "at",
         ],
         std::io::stdout().lock(),
     );
@@ -69,6 +70,12 @@ pub async fn check(
         assessment.evidence.into(),
         assessment.tree_size.into(),
         assessment.policy_version.into(),
+        assessment
+            .at
+            .as_ref()
+            .map(|at| time_text(&Some(*at)))
+            .unwrap_or_default()
+            .into(),
     ])?;
     printer.finish()?;
     Ok(u8::from(verdict != "allowed"))
@@ -81,7 +88,11 @@ pub struct Filters {
     pub sender: Option<String>,
     pub topic: Option<String>,
     pub subscription: Option<String>,
+    /// `violations` only (no index, so no `communications` filter yet).
+    pub product: Option<String>,
     pub rule: Option<String>,
+    /// `violations` only: violations, reviews or both (`--verdicts`).
+    pub verdicts: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
     pub include_review: bool,
@@ -171,9 +182,19 @@ pub async fn violations(
     columns.extend(["verdict", "rule", "explanation", "evidence"]);
     let mut printer = Printer::new(format, columns, std::io::stdout().lock());
     let (from, to) = filters.time_range()?;
+    let communications = filters.communications_request()?;
     let mut request = ListViolationsRequest {
-        customer_id: filters.customer.unwrap_or_default(),
-        sender_id: filters.sender.unwrap_or_default(),
+        customer_id: communications.customer_id,
+        sender_id: communications.sender_id,
+        topic: communications.topic,
+        subscription_id: communications.subscription_id,
+        product_id: filters.product.unwrap_or_default(),
+        verdicts: filters
+            .verdicts
+            .as_deref()
+            .map(input::verdict_filter)
+            .transpose()?
+            .unwrap_or(0),
         rule: filters.rule.unwrap_or_default(),
         from,
         to,

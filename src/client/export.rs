@@ -172,7 +172,7 @@ pub async fn export(
     let mut clients = connection.clients().await?;
     let checkpoint = clients
         .ledger
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .map_err(|status| call_error("GetCheckpoint", status))?
         .into_inner()

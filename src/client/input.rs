@@ -31,6 +31,19 @@ pub fn topic(text: &str) -> anyhow::Result<i32> {
     })
 }
 
+/// Which verdicts `violations` lists: `violations`, `reviews` or `violations_and_reviews`
+/// (also `both`).
+pub fn verdict_filter(text: &str) -> anyhow::Result<i32> {
+    let text = if text.trim().eq_ignore_ascii_case("both") {
+        "violations_and_reviews"
+    } else {
+        text
+    };
+    enum_value("VERDICT_FILTER_", "verdicts", text, |name| {
+        proto::VerdictFilter::from_str_name(name).map(|filter| filter as i32)
+    })
+}
+
 /// An RFC 3339 instant (`2026-01-23T00:00:00Z`).
 pub fn instant(field: &str, text: &str) -> anyhow::Result<prost_types::Timestamp> {
     let at = humantime::parse_rfc3339_weak(text)

@@ -154,7 +154,7 @@ pub async fn witness(
     let mut clients = connection.clients().await?;
     let served = clients
         .ledger
-        .get_checkpoint(GetCheckpointRequest {})
+        .get_checkpoint(GetCheckpointRequest::default())
         .await
         .map_err(|status| call_error("GetCheckpoint", status))?
         .into_inner()

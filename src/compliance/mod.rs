@@ -58,10 +58,41 @@ pub struct CommunicationFilter {
     /// A proto `Topic` value; 0 (unspecified) matches every topic.
     pub topic: i32,
     pub subscription_id: String,
+    /// The non-CSP product (no index: filtered on the candidates of another list).
+    pub product_id: String,
     /// sent_at from (inclusive) ...
     pub from: Option<Timestamp>,
     /// ... to (exclusive).
     pub to: Option<Timestamp>,
+}
+
+/// Which verdicts a violations listing keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerdictsWanted {
+    #[default]
+    Violations,
+    Reviews,
+    ViolationsAndReviews,
+}
+
+impl VerdictsWanted {
+    fn wants(self, verdict: Verdict) -> bool {
+        match verdict {
+            Verdict::Violation => self != VerdictsWanted::Reviews,
+            Verdict::Review => self != VerdictsWanted::Violations,
+            Verdict::Allowed => false,
+        }
+    }
+
+    /// How a page token's fingerprint tells them apart (0 and 1 as the `include_review`
+    /// flag that came before, so tokens issued before stay valid).
+    fn code(self) -> u8 {
+        match self {
+            VerdictsWanted::Violations => 0,
+            VerdictsWanted::ViolationsAndReviews => 1,
+            VerdictsWanted::Reviews => 2,
+        }
+    }
 }
 
 /// Filters of `ListViolations`.
@@ -69,8 +100,19 @@ pub struct CommunicationFilter {
 pub struct ViolationFilter {
     pub communications: CommunicationFilter,
     pub rule: Option<Rule>,
-    pub include_review: bool,
+    pub verdicts: VerdictsWanted,
     pub as_of_tree_size: u64,
+}
+
+/// An answer with what it was judged at — the business instant and the ledger size — so
+/// that it can be reproduced from itself alone.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub assessment: Assessment,
+    /// The business instant judged (`Question::at`).
+    pub at: Timestamp,
+    /// Only facts at ledger indices below this counted.
+    pub tree_size: u64,
 }
 
 /// One page of results.
@@ -84,7 +126,7 @@ pub struct Page<T> {
 }
 
 /// A recorded communication with its verdict.
-pub type Judged = (StoredEntry, Assessment);
+pub type Judged = (StoredEntry, Answer);
 
 /// Entries read from an index per step of a scan.
 const SCAN_CHUNK: usize = 256;
@@ -138,9 +180,10 @@ impl Compliance {
         let current = self.ledger.tree_size();
         match as_of_tree_size {
             0 => Ok(current),
-            size if size > current => Err(LedgerError::invalid(
+            size if size > current => Err(LedgerError::size_past_the_tree(
                 "as_of_tree_size",
-                format!("{size} is past the current tree size {current}"),
+                size,
+                current,
             )),
             size => Ok(size),
         }
@@ -240,15 +283,23 @@ impl Compliance {
     }
 
     /// Judges a question on the facts recorded below `as_of_tree_size` (0: all so far).
-    /// Returns the assessment and the tree size it was computed at.
-    pub fn check(
+    pub fn check(&self, question: &Question, as_of_tree_size: u64) -> Result<Answer, LedgerError> {
+        let tree_size = self.tree_size_as_of(as_of_tree_size)?;
+        self.answer(question, tree_size, &mut FactLists::new())
+    }
+
+    /// [`Compliance::assess_from`] with what it judged at.
+    fn answer(
         &self,
         question: &Question,
-        as_of_tree_size: u64,
-    ) -> Result<(Assessment, u64), LedgerError> {
-        let tree_size = self.tree_size_as_of(as_of_tree_size)?;
-        let assessment = self.assess_from(question, tree_size, &mut FactLists::new())?;
-        Ok((assessment, tree_size))
+        tree_size: u64,
+        lists: &mut FactLists,
+    ) -> Result<Answer, LedgerError> {
+        Ok(Answer {
+            assessment: self.assess_from(question, tree_size, lists)?,
+            at: question.at,
+            tree_size,
+        })
     }
 
     /// Judges `question` on the facts below `tree_size`, its fact lists taken from `lists`
@@ -263,20 +314,16 @@ impl Compliance {
         Ok(policy::assess(question, &facts))
     }
 
-    /// Judges many questions on every fact recorded so far, all at one tree size (returned),
-    /// reading each fact list once: a batch's communications share senders, and often
-    /// customers and subscriptions.
-    pub fn check_many(
-        &self,
-        questions: &[Question],
-    ) -> Result<(Vec<Assessment>, u64), LedgerError> {
+    /// Judges many questions on every fact recorded so far, all at one tree size, reading
+    /// each fact list once: a batch's communications share senders, and often customers
+    /// and subscriptions.
+    pub fn check_many(&self, questions: &[Question]) -> Result<Vec<Answer>, LedgerError> {
         let tree_size = self.ledger.tree_size();
         let mut lists = FactLists::new();
-        let assessments = questions
+        questions
             .iter()
-            .map(|question| self.assess_from(question, tree_size, &mut lists))
-            .collect::<Result<_, LedgerError>>()?;
-        Ok((assessments, tree_size))
+            .map(|question| self.answer(question, tree_size, &mut lists))
+            .collect()
     }
 
     pub fn list_communications(
@@ -311,7 +358,7 @@ impl Compliance {
     ) -> Result<Page<Judged>, LedgerError> {
         let mut described = filter_bytes(&filter.communications);
         described.extend_from_slice(filter.rule.map_or("", |rule| rule.name()).as_bytes());
-        described.push(u8::from(filter.include_review));
+        described.push(filter.verdicts.code());
         described.extend_from_slice(&filter.as_of_tree_size.to_be_bytes());
         let filters = fingerprint(&[b"violations", &described]);
         let (page_size, position) = self.page_start(page_size, page_token, filters)?;
@@ -330,13 +377,11 @@ impl Compliance {
                 let Some(question) = question(record) else {
                     return Ok(None);
                 };
-                let assessment = self.assess_from(&question, tree_size, &mut lists)?;
-                let wanted = match assessment.verdict {
-                    Verdict::Violation => true,
-                    Verdict::Review => filter.include_review,
-                    Verdict::Allowed => false,
-                } && filter.rule.is_none_or(|rule| rule == assessment.rule);
-                Ok(wanted.then_some((entry, assessment)))
+                let answer = self.answer(&question, tree_size, &mut lists)?;
+                let assessment = &answer.assessment;
+                let wanted = filter.verdicts.wants(assessment.verdict)
+                    && filter.rule.is_none_or(|rule| rule == assessment.rule);
+                Ok(wanted.then_some((entry, answer)))
             },
         )?;
         Ok(Page {
@@ -375,6 +420,9 @@ impl Compliance {
 
     /// Walks the best index for `filter` in sent_at order from `position`, keeping what
     /// `visit` returns, until a page is full, the scan budget is spent or the list ends.
+    /// A position to go on from comes back only when the listing may go on (AIP-158): a
+    /// full page looks on for one more result and resumes the next page at it, so a page
+    /// that ends the listing says so even when it is full.
     fn scan<T>(
         &self,
         filter: &CommunicationFilter,
@@ -423,27 +471,35 @@ impl Compliance {
                 let Some((instant, index)) = position_of_key(&key) else {
                     continue;
                 };
-                scanned += 1;
-                let next = PagePosition {
+                // This candidate, where the next page resumes if this one stops here.
+                let here = PagePosition {
                     tree_size,
                     instant,
-                    index: index + 1,
+                    index,
                 };
+                if scanned >= self.limits.max_scan_per_page {
+                    return Ok((items, Some(here)));
+                }
+                scanned += 1;
                 start = at(&instant, Some(index + 1));
                 // Entries at or past the tree size (not yet published, or after an
                 // as_of_tree_size) do not exist for this listing.
-                if index < tree_size {
-                    let entry = self.ledger.entry(index)?;
-                    if let Some(record) = communication_record(&entry) {
-                        if matches(filter, &record) {
-                            if let Some(item) = visit(entry, &record)? {
-                                items.push(item);
-                            }
-                        }
-                    }
+                if index >= tree_size {
+                    continue;
                 }
-                if items.len() >= page_size || scanned >= self.limits.max_scan_per_page {
-                    return Ok((items, Some(next)));
+                let entry = self.ledger.entry(index)?;
+                let Some(record) = communication_record(&entry) else {
+                    continue;
+                };
+                if !matches(filter, &record) {
+                    continue;
+                }
+                if let Some(item) = visit(entry, &record)? {
+                    if items.len() == page_size {
+                        // One result past a full page: the listing goes on, from here.
+                        return Ok((items, Some(here)));
+                    }
+                    items.push(item);
                 }
             }
             if chunk_len < SCAN_CHUNK {
@@ -464,6 +520,7 @@ fn matches(filter: &CommunicationFilter, record: &CommunicationRecord) -> bool {
     (filter.customer_id.is_empty() || filter.customer_id == record.customer_id)
         && (filter.sender_id.is_empty() || filter.sender_id == record.sender_id)
         && (filter.subscription_id.is_empty() || filter.subscription_id == record.subscription_id)
+        && (filter.product_id.is_empty() || filter.product_id == record.product_id)
         && (filter.topic == 0 || filter.topic == record.topic)
 }
 
@@ -481,5 +538,10 @@ fn filter_bytes(filter: &CommunicationFilter) -> Vec<u8> {
     out.extend_from_slice(&filter.topic.to_be_bytes());
     out.extend_from_slice(&instant(filter.from));
     out.extend_from_slice(&instant(filter.to));
+    // Only when set, so that the tokens of listings without it stay valid.
+    if !filter.product_id.is_empty() {
+        out.extend_from_slice(&(filter.product_id.len() as u32).to_be_bytes());
+        out.extend_from_slice(filter.product_id.as_bytes());
+    }
     out
 }

@@ -90,8 +90,9 @@ pub struct RowWriter<W: Write> {
 /// Why a row could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("entry {index}: {source}")]
-    Leaf { index: u64, source: DescribeError },
+    /// The message says `error`, so it is not a `source()` (the chain would say it twice).
+    #[error("entry {index}: {error}")]
+    Leaf { index: u64, error: DescribeError },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -124,9 +125,9 @@ impl<W: Write> RowWriter<W> {
     }
 
     pub fn write(&mut self, row: &Row) -> Result<(), WriteError> {
-        let cells = row.cells().map_err(|source| WriteError::Leaf {
+        let cells = row.cells().map_err(|error| WriteError::Leaf {
             index: row.index,
-            source,
+            error,
         })?;
         match self.format {
             Format::Csv => self

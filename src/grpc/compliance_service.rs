@@ -9,7 +9,7 @@ use crate::auth::Principal;
 use super::convert::{assessment_message, entry_message, timestamp};
 use super::ledger_service::counted;
 use super::status::to_status;
-use crate::compliance::{CommunicationFilter, Compliance, ViolationFilter};
+use crate::compliance::{CommunicationFilter, Compliance, VerdictsWanted, ViolationFilter};
 use crate::config::ServerConfig;
 use crate::ledger::time::Timestamp;
 use crate::ledger::{Ledger, LedgerError};
@@ -18,7 +18,7 @@ use crate::proto::compliance_service_server::ComplianceService;
 use crate::proto::{
     CheckSenderRequest, CheckSenderResponse, ListCommunicationsRequest, ListCommunicationsResponse,
     ListViolationsRequest, ListViolationsResponse, RecordFactRequest, RecordFactResponse, Topic,
-    Violation,
+    VerdictFilter, Violation,
 };
 use crate::records::communication::policy_topic;
 use crate::records::prepare_fact;
@@ -96,6 +96,7 @@ fn communication_filter(
         sender_id,
         topic,
         subscription_id,
+        product_id: String::new(),
         from,
         to,
     })
@@ -162,8 +163,8 @@ impl ComplianceService for ComplianceApi {
             };
             self.compliance.check(&question, request.as_of_tree_size)
         };
-        let (assessment, tree_size) = check().map_err(to_status)?;
-        crate::telemetry::count_verdict(&assessment);
+        let answer = check().map_err(to_status)?;
+        crate::telemetry::count_verdict(&answer.assessment);
         self.access.record(
             principal.as_ref(),
             "CheckSender",
@@ -180,7 +181,7 @@ impl ComplianceService for ComplianceApi {
             1,
         )?;
         Ok(Response::new(CheckSenderResponse {
-            assessment: Some(assessment_message(assessment, tree_size)),
+            assessment: Some(assessment_message(answer)),
         }))
     }
 
@@ -200,18 +201,45 @@ impl ComplianceService for ComplianceApi {
                     )
                 })?),
             };
+            let verdicts = match VerdictFilter::try_from(request.verdicts) {
+                Ok(VerdictFilter::Unspecified) if request.include_review => {
+                    VerdictsWanted::ViolationsAndReviews
+                }
+                Ok(VerdictFilter::Unspecified | VerdictFilter::Violations) => {
+                    VerdictsWanted::Violations
+                }
+                Ok(VerdictFilter::Reviews) => VerdictsWanted::Reviews,
+                Ok(VerdictFilter::ViolationsAndReviews) => VerdictsWanted::ViolationsAndReviews,
+                Err(_) => {
+                    return Err(LedgerError::invalid(
+                        "verdicts",
+                        format!("{} is not a known verdict filter", request.verdicts),
+                    ));
+                }
+            };
+            let max_id = self.config.record_limits.max_id_bytes;
+            validate::optional_id("product_id", &request.product_id, max_id)?;
+            if !request.subscription_id.is_empty() && !request.product_id.is_empty() {
+                return Err(LedgerError::invalid(
+                    "product_id",
+                    "a communication is about a CSP subscription or a non-CSP product, not both",
+                ));
+            }
             let filter = ViolationFilter {
-                communications: communication_filter(
-                    request.customer_id.clone(),
-                    request.sender_id.clone(),
-                    0,
-                    String::new(),
-                    &request.from,
-                    &request.to,
-                    self.config.record_limits.max_id_bytes,
-                )?,
+                communications: CommunicationFilter {
+                    product_id: request.product_id.clone(),
+                    ..communication_filter(
+                        request.customer_id.clone(),
+                        request.sender_id.clone(),
+                        request.topic,
+                        request.subscription_id.clone(),
+                        &request.from,
+                        &request.to,
+                        max_id,
+                    )?
+                },
                 rule,
-                include_review: request.include_review,
+                verdicts,
                 as_of_tree_size: request.as_of_tree_size,
             };
             self.compliance
@@ -222,15 +250,18 @@ impl ComplianceService for ComplianceApi {
             .await
             .map_err(to_status)?;
         let page = run().map_err(to_status)?;
-        let tree_size = page.tree_size;
         self.access.record(
             principal.as_ref(),
             "ListViolations",
             format!(
-                "customer_id={:?} sender_id={:?} rule={:?} from={:?} to={:?} include_review={} as_of_tree_size={} page_size={} page_token={}",
+                "customer_id={:?} sender_id={:?} rule={:?} topic={} subscription_id={:?} product_id={:?} verdicts={} from={:?} to={:?} include_review={} as_of_tree_size={} page_size={} page_token={}",
                 request.customer_id,
                 request.sender_id,
                 request.rule,
+                request.topic,
+                request.subscription_id,
+                request.product_id,
+                request.verdicts,
                 request.from.map(|t| t.seconds),
                 request.to.map(|t| t.seconds),
                 request.include_review,
@@ -244,9 +275,9 @@ impl ComplianceService for ComplianceApi {
             violations: page
                 .items
                 .into_iter()
-                .map(|(entry, assessment)| Violation {
+                .map(|(entry, answer)| Violation {
                     entry: Some(entry_message(entry)),
-                    assessment: Some(assessment_message(assessment, tree_size)),
+                    assessment: Some(assessment_message(answer)),
                 })
                 .collect(),
             next_page_token: page.next_page_token,

@@ -1,8 +1,9 @@
 //! Conversions between proto messages and the core's types.
 
+use crate::compliance::Answer;
 use crate::ledger::StoredEntry;
 use crate::ledger::time::Timestamp;
-use crate::policy::{self, Assessment, POLICY_VERSION};
+use crate::policy::{self, POLICY_VERSION};
 use crate::proto::{self, Entry, LeafRecord};
 use prost::Message;
 
@@ -19,7 +20,12 @@ pub fn entry_message(entry: StoredEntry) -> Entry {
     }
 }
 
-pub fn assessment_message(assessment: Assessment, tree_size: u64) -> proto::Assessment {
+pub fn assessment_message(answer: Answer) -> proto::Assessment {
+    let Answer {
+        assessment,
+        at,
+        tree_size,
+    } = answer;
     proto::Assessment {
         verdict: match assessment.verdict {
             policy::Verdict::Allowed => proto::Verdict::Allowed,
@@ -31,6 +37,10 @@ pub fn assessment_message(assessment: Assessment, tree_size: u64) -> proto::Asse
         evidence: assessment.evidence,
         tree_size,
         policy_version: POLICY_VERSION.to_owned(),
+        at: Some(prost_types::Timestamp {
+            seconds: at.seconds,
+            nanos: at.nanos,
+        }),
     }
 }
 

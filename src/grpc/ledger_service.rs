@@ -58,9 +58,9 @@ impl LedgerApi {
         let Some(question) = question else {
             return Ok(None);
         };
-        let (assessment, tree_size) = self.compliance.check(&question, 0).map_err(to_status)?;
-        telemetry::count_verdict(&assessment);
-        Ok(Some(assessment_message(assessment, tree_size)))
+        let answer = self.compliance.check(&question, 0).map_err(to_status)?;
+        telemetry::count_verdict(&answer.assessment);
+        Ok(Some(assessment_message(answer)))
     }
 
     /// [`LedgerApi::assess`] for a batch, reading each fact list once.
@@ -69,15 +69,18 @@ impl LedgerApi {
         questions: Vec<Option<crate::policy::Question>>,
     ) -> Result<Vec<Option<crate::proto::Assessment>>, Status> {
         let asked: Vec<crate::policy::Question> = questions.iter().flatten().cloned().collect();
-        let (assessments, tree_size) = self.compliance.check_many(&asked).map_err(to_status)?;
-        let mut assessments = assessments.into_iter();
+        let mut answers = self
+            .compliance
+            .check_many(&asked)
+            .map_err(to_status)?
+            .into_iter();
         Ok(questions
             .iter()
             .map(|question| {
                 question.as_ref()?;
-                let assessment = assessments.next().expect("one assessment per question");
-                telemetry::count_verdict(&assessment);
-                Some(assessment_message(assessment, tree_size))
+                let answer = answers.next().expect("one answer per question");
+                telemetry::count_verdict(&answer.assessment);
+                Some(assessment_message(answer))
             })
             .collect())
     }
@@ -286,13 +289,13 @@ impl LedgerService for LedgerApi {
         let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let tree_size = self.ledger.tree_size();
+        // From the tree size itself: an empty stream (nothing recorded there yet); past it,
+        // the one rule for sizes and indices past the tree.
         if request.start_index > tree_size {
-            return Err(to_status(LedgerError::out_of_range(
+            return Err(to_status(LedgerError::size_past_the_tree(
                 "start_index",
-                format!(
-                    "{} is past the current tree size {tree_size}",
-                    request.start_index
-                ),
+                request.start_index,
+                tree_size,
             )));
         }
         let cap = self.config.max_list_entries;
@@ -330,11 +333,17 @@ impl LedgerService for LedgerApi {
         &self,
         request: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
-        let principal = request.extensions().get::<Principal>();
-        self.access
-            .record(principal, "GetCheckpoint", String::new(), 1)?;
+        let principal = request.extensions().get::<Principal>().cloned();
+        let tree_size = request.into_inner().tree_size;
+        let checkpoint = self.ledger.checkpoint_at(tree_size).map_err(to_status);
+        self.access.record(
+            principal.as_ref(),
+            "GetCheckpoint",
+            format!("tree_size={tree_size}"),
+            u64::from(checkpoint.is_ok()),
+        )?;
         Ok(Response::new(GetCheckpointResponse {
-            checkpoint: Some(checkpoint_message(&self.ledger.checkpoint())),
+            checkpoint: Some(checkpoint_message(&*checkpoint?)),
         }))
     }
 

@@ -11,7 +11,7 @@ pub fn to_status(error: LedgerError) -> Status {
     match error {
         LedgerError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
         LedgerError::OutOfRange { .. } => Status::out_of_range(error.to_string()),
-        LedgerError::NotFound(_) => Status::not_found(error.to_string()),
+        LedgerError::NoCheckpoint { .. } => Status::not_found(error.to_string()),
         LedgerError::Conflict { .. } => Status::already_exists(error.to_string()),
         LedgerError::Unavailable(_) => Status::unavailable(error.to_string()),
         LedgerError::WritesRefused(_) => Status::failed_precondition(error.to_string()),

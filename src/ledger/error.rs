@@ -13,8 +13,17 @@ pub enum LedgerError {
     /// A size or index lies beyond the current tree.
     #[error("{field}: {reason}")]
     OutOfRange { field: String, reason: String },
-    #[error("entry {0} does not exist")]
-    NotFound(u64),
+    /// No checkpoint was signed at this tree size (it lies inside a group commit); the
+    /// signed sizes nearest to it, when there are any.
+    #[error(
+        "tree_size: no checkpoint was signed at tree size {tree_size}{}",
+        nearest_signed(*.below, *.above)
+    )]
+    NoCheckpoint {
+        tree_size: u64,
+        below: Option<u64>,
+        above: Option<u64>,
+    },
     /// The idempotency key is taken by an entry with different content.
     #[error("{field}: already recorded at index {index} with different content")]
     Conflict { field: String, index: u64 },
@@ -38,6 +47,17 @@ pub enum LedgerError {
     Checkpoint(#[from] CheckpointError),
 }
 
+/// ` (the nearest signed sizes are 4 and 9)`, or as much of it as there is.
+fn nearest_signed(below: Option<u64>, above: Option<u64>) -> String {
+    match (below, above) {
+        (Some(below), Some(above)) => {
+            format!(" (the nearest signed sizes are {below} and {above})")
+        }
+        (Some(size), None) | (None, Some(size)) => format!(" (the nearest signed size is {size})"),
+        (None, None) => String::new(),
+    }
+}
+
 impl LedgerError {
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         LedgerError::InvalidArgument {
@@ -51,6 +71,23 @@ impl LedgerError {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+
+    /// The one rule for every method: a size past the current tree is out of range.
+    pub fn size_past_the_tree(field: &str, size: u64, current: u64) -> Self {
+        LedgerError::out_of_range(
+            field,
+            format!("{size} is past the current tree size {current}"),
+        )
+    }
+
+    /// The one rule for every method: an index at or past the current tree size (no entry
+    /// there yet) is out of range.
+    pub fn index_past_the_tree(field: &str, index: u64, current: u64) -> Self {
+        LedgerError::out_of_range(
+            field,
+            format!("{index} is not below the current tree size {current}"),
+        )
     }
 }
 

@@ -137,6 +137,8 @@ pub struct Ledger {
     /// health says so, until an operator has run `verify` and restarted.
     damage: Arc<std::sync::OnceLock<String>>,
     body_check: Option<BodyCheck>,
+    /// Checks the checkpoints read back from the store before they are served.
+    verifier: Arc<CheckpointVerifier>,
     /// Whether writes are accepted (the writer tells every change).
     writes: watch::Receiver<WriteState>,
 }
@@ -168,6 +170,7 @@ impl Ledger {
         let (requests, queue) = mpsc::channel(options.queue_depth.max(1));
         let body_check = options.body_check;
         let (tell_writes, writes) = watch::channel(WriteState::Accepting);
+        let verifier = Arc::new(signer.verifier());
         let handle = writer::spawn(
             store.clone(),
             signer,
@@ -187,6 +190,7 @@ impl Ledger {
             refusal: None,
             damage: Arc::default(),
             body_check,
+            verifier,
             writes,
         })
     }
@@ -229,6 +233,7 @@ impl Ledger {
             refusal: Some(Arc::from(reason.as_str())),
             damage: Arc::default(),
             body_check: None,
+            verifier: Arc::new(verifier),
             writes,
         })
     }
@@ -294,6 +299,67 @@ impl Ledger {
         self.published.checkpoint.load_full()
     }
 
+    /// The checkpoint the ledger signed at `tree_size` (0: the latest), so that a client
+    /// can check an old proof without having kept the note. When several were signed at
+    /// one size, the latest of them. A size no group commit ended at is
+    /// [`LedgerError::NoCheckpoint`], naming the signed sizes around it.
+    pub fn checkpoint_at(&self, tree_size: u64) -> Result<Arc<SignedCheckpoint>, LedgerError> {
+        let latest = self.checkpoint();
+        if tree_size == 0 || tree_size == latest.size {
+            return Ok(latest);
+        }
+        if tree_size > latest.size {
+            return Err(LedgerError::size_past_the_tree(
+                "tree_size",
+                tree_size,
+                latest.size,
+            ));
+        }
+        let (mut found, mut above) = (None, None);
+        for stored in self.store.checkpoints_from(tree_size) {
+            let (size, note) = stored?;
+            if size != tree_size {
+                above = Some(size);
+                break;
+            }
+            found = Some(note);
+        }
+        match found {
+            Some(note) => self.verifier.verify(&note).map(Arc::new).map_err(|error| {
+                LedgerError::Integrity(format!(
+                    "the checkpoint stored for tree size {tree_size}: {error}"
+                ))
+            }),
+            None => Err(LedgerError::NoCheckpoint {
+                tree_size,
+                below: self.signed_size_below(tree_size)?,
+                above,
+            }),
+        }
+    }
+
+    /// The largest tree size below `size` a checkpoint was signed at. The stores read
+    /// forward only, so this looks back from `size` in doubling steps: a group commit
+    /// holds at most `max_group_records` entries, so it takes a few short scans.
+    fn signed_size_below(&self, size: u64) -> Result<Option<u64>, LedgerError> {
+        let mut step = 1u64;
+        loop {
+            let from = size.saturating_sub(step);
+            let mut below = None;
+            for stored in self.store.checkpoints_from(from) {
+                let (signed, _) = stored?;
+                if signed >= size {
+                    break;
+                }
+                below = Some(signed);
+            }
+            if below.is_some() || from == 0 {
+                return Ok(below);
+            }
+            step = step.saturating_mul(2);
+        }
+    }
+
     /// Number of entries in the published tree.
     pub fn tree_size(&self) -> u64 {
         self.published.checkpoint.load().size
@@ -304,8 +370,9 @@ impl Ledger {
     /// A damaged entry is [`LedgerError::Integrity`] naming the index (never served), and
     /// the ledger refuses writes from then on.
     pub fn entry(&self, index: u64) -> Result<StoredEntry, LedgerError> {
-        if index >= self.tree_size() {
-            return Err(LedgerError::NotFound(index));
+        let current = self.tree_size();
+        if index >= current {
+            return Err(LedgerError::index_past_the_tree("index", index, current));
         }
         let checked = read_entry(self.store.as_ref(), index).and_then(|entry| {
             if merkle::leaf_hash(&entry.leaf) != entry.leaf_hash {
@@ -341,10 +408,14 @@ impl Ledger {
     pub fn inclusion_proof(&self, index: u64, tree_size: u64) -> Result<Vec<Hash>, LedgerError> {
         let current = self.tree_size();
         if tree_size > current {
-            return Err(LedgerError::out_of_range(
+            return Err(LedgerError::size_past_the_tree(
                 "tree_size",
-                format!("{tree_size} is past the current tree size {current}"),
+                tree_size,
+                current,
             ));
+        }
+        if index >= current {
+            return Err(LedgerError::index_past_the_tree("index", index, current));
         }
         if index >= tree_size {
             return Err(LedgerError::invalid(
@@ -368,9 +439,13 @@ impl Ledger {
     ) -> Result<Vec<Hash>, LedgerError> {
         let current = self.tree_size();
         if to_size > current {
-            return Err(LedgerError::out_of_range(
-                "to_size",
-                format!("{to_size} is past the current tree size {current}"),
+            return Err(LedgerError::size_past_the_tree("to_size", to_size, current));
+        }
+        if from_size > current {
+            return Err(LedgerError::size_past_the_tree(
+                "from_size",
+                from_size,
+                current,
             ));
         }
         if from_size > to_size {
@@ -390,9 +465,10 @@ impl Ledger {
     pub fn root_hash(&self, tree_size: u64) -> Result<Hash, LedgerError> {
         let current = self.tree_size();
         if tree_size > current {
-            return Err(LedgerError::out_of_range(
+            return Err(LedgerError::size_past_the_tree(
                 "tree_size",
-                format!("{tree_size} is past the current tree size {current}"),
+                tree_size,
+                current,
             ));
         }
         Ok(merkle::root_hash(

@@ -1374,9 +1374,13 @@ impl Store for LogStore {
     }
 
     fn checkpoints(&self) -> Checkpoints<'_> {
+        self.checkpoints_from(0)
+    }
+
+    fn checkpoints_from(&self, size: u64) -> Checkpoints<'_> {
         Box::new(
             self.keys
-                .scan_from(vec![CHECKPOINT_PREFIX], vec![CHECKPOINT_PREFIX + 1])
+                .scan_from(checkpoint_key(size), vec![CHECKPOINT_PREFIX + 1])
                 .map(|item| {
                     let (key, note) = item?;
                     let size = key

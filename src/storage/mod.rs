@@ -266,6 +266,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every signed checkpoint ever committed, oldest first.
     fn checkpoints(&self) -> Checkpoints<'_>;
 
+    /// The signed checkpoints at tree sizes from `size` on, oldest first: a range scan
+    /// where the backend keeps them by size. (Where a backend keeps several at one size,
+    /// the latest of them comes last.)
+    fn checkpoints_from(&self, size: u64) -> Checkpoints<'_> {
+        Box::new(
+            self.checkpoints()
+                .filter(move |stored| !matches!(stored, Ok((signed, _)) if *signed < size)),
+        )
+    }
+
     /// Entries `from..to` in order, one item per index (missing parts are `None`). The
     /// default reads them one by one; a backend with ordered scans does better.
     fn entries(&self, from: u64, to: u64) -> RawEntries<'_> {

@@ -357,6 +357,10 @@ impl Store for SledStore {
     fn checkpoints(&self) -> Checkpoints<'_> {
         keyed::checkpoints(&self.db)
     }
+
+    fn checkpoints_from(&self, size: u64) -> Checkpoints<'_> {
+        keyed::checkpoints_from(&self.db, size)
+    }
 }
 
 /// Idempotency keys and checkpoints as the sled store keeps them (the log store kept them so
@@ -411,5 +415,17 @@ mod keyed {
             let (key, value) = item.map_err(backend)?;
             Ok((index_of(&key)?, value.to_vec()))
         }))
+    }
+
+    /// The checkpoints at tree sizes from `size` on, oldest first.
+    pub fn checkpoints_from(db: &sled::Db, size: u64) -> Checkpoints<'_> {
+        let end: &[u8] = &[CHECKPOINT + 1];
+        Box::new(
+            db.range(checkpoint_key(size).to_vec()..end.to_vec())
+                .map(|item| {
+                    let (key, value) = item.map_err(backend)?;
+                    Ok((index_of(&key)?, value.to_vec()))
+                }),
+        )
     }
 }

@@ -297,7 +297,7 @@ pub fn communication(sender: &str, n: u64) -> Communication {
 /// The latest signed checkpoint.
 pub async fn checkpoint(client: &mut Client) -> audit_ledger::proto::Checkpoint {
     client
-        .get_checkpoint(audit_ledger::proto::GetCheckpointRequest {})
+        .get_checkpoint(audit_ledger::proto::GetCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner()
