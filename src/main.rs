@@ -170,6 +170,7 @@ impl ListFilters {
         self,
         topic: Option<String>,
         subscription: Option<String>,
+        product: Option<String>,
     ) -> client::commands::Filters {
         client::commands::Filters {
             customer: self.customer,
@@ -178,6 +179,7 @@ impl ListFilters {
             to: self.to,
             topic,
             subscription,
+            product,
             ..Default::default()
         }
     }
@@ -219,6 +221,9 @@ struct CommunicationsArgs {
     topic: Option<String>,
     #[arg(long)]
     subscription: Option<String>,
+    /// Only communications about this non-CSP product.
+    #[arg(long)]
+    product: Option<String>,
 }
 
 #[derive(Args)]
@@ -243,6 +248,9 @@ struct ExportArgs {
     topic: Option<String>,
     #[arg(long)]
     subscription: Option<String>,
+    /// Only communications about this non-CSP product.
+    #[arg(long)]
+    product: Option<String>,
     /// jsonl (one JSON object per line) or csv.
     #[arg(long, default_value = "jsonl")]
     format: audit_ledger::export::Format,
@@ -526,7 +534,9 @@ fn main() -> ExitCode {
                 .await
         }),
         Command::Communications(args) => client_command(async move {
-            let filters = args.filters.communications(args.topic, args.subscription);
+            let filters = args
+                .filters
+                .communications(args.topic, args.subscription, args.product);
             client::commands::communications(&args.client.connection(), filters, args.client.output)
                 .await
         }),
@@ -553,7 +563,9 @@ fn main() -> ExitCode {
             Ok(0)
         }),
         Command::Export(args) => client_command(async move {
-            let filters = args.filters.communications(args.topic, args.subscription);
+            let filters = args
+                .filters
+                .communications(args.topic, args.subscription, args.product);
             let verifier = args
                 .verifier_key
                 .as_deref()

@@ -415,6 +415,69 @@ async fn violations_filter_by_topic_subscription_product_and_verdict() {
     server.stop().await;
 }
 
+/// ListCommunications filters by product as ListViolations does, combined with the others
+/// by AND; naming a subscription and a product at once is INVALID_ARGUMENT naming
+/// `product_id`.
+#[tokio::test]
+async fn communications_filter_by_product() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut api = Api::new(&server.address).await;
+    api.history().await;
+    for communication in mixed() {
+        api.send(communication).await;
+    }
+    for (request, expected) in [
+        (
+            ListCommunicationsRequest {
+                product_id: "azure-sphere".into(),
+                ..Default::default()
+            },
+            vec!["m4", "m5", "m7"],
+        ),
+        (
+            ListCommunicationsRequest {
+                product_id: "azure-sphere".into(),
+                sender_id: "msft".into(),
+                topic: Topic::Support as i32,
+                ..Default::default()
+            },
+            vec!["m5"],
+        ),
+        (
+            ListCommunicationsRequest {
+                product_id: "dynamics".into(),
+                ..Default::default()
+            },
+            vec!["m8"],
+        ),
+    ] {
+        let found: Vec<String> = api
+            .compliance
+            .list_communications(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .iter()
+            .map(message_id)
+            .collect();
+        assert_eq!(found, expected, "{request:?}");
+    }
+    let status = api
+        .compliance
+        .list_communications(ListCommunicationsRequest {
+            subscription_id: "sub-a1".into(),
+            product_id: "dynamics".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with("product_id"), "{status:?}");
+    server.stop().await;
+}
+
 /// A filter with an index is answered from it: among many other communications, the few
 /// about one subscription come in one page even when a page may look at few candidates;
 /// and paging stays pinned to the first page's tree size.

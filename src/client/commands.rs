@@ -88,7 +88,6 @@ pub struct Filters {
     pub sender: Option<String>,
     pub topic: Option<String>,
     pub subscription: Option<String>,
-    /// `violations` only (no index, so no `communications` filter yet).
     pub product: Option<String>,
     pub rule: Option<String>,
     /// `violations` only: violations, reviews or both (`--verdicts`).
@@ -133,6 +132,7 @@ impl Filters {
                 .transpose()?
                 .unwrap_or(0),
             subscription_id: self.subscription.clone().unwrap_or_default(),
+            product_id: self.product.clone().unwrap_or_default(),
             from,
             to,
             page_size: 1000,

@@ -65,6 +65,7 @@ fn selection(filters: &Filters) -> BTreeMap<String, String> {
         ("sender", &filters.sender),
         ("topic", &filters.topic),
         ("subscription", &filters.subscription),
+        ("product", &filters.product),
         ("from", &filters.from),
         ("to", &filters.to),
     ]

@@ -71,6 +71,7 @@ fn communication_filter(
     sender_id: String,
     topic: i32,
     subscription_id: String,
+    product_id: String,
     from: &Option<prost_types::Timestamp>,
     to: &Option<prost_types::Timestamp>,
     max_id: usize,
@@ -78,6 +79,13 @@ fn communication_filter(
     validate::optional_id("customer_id", &customer_id, max_id)?;
     validate::optional_id("sender_id", &sender_id, max_id)?;
     validate::optional_id("subscription_id", &subscription_id, max_id)?;
+    validate::optional_id("product_id", &product_id, max_id)?;
+    if !subscription_id.is_empty() && !product_id.is_empty() {
+        return Err(LedgerError::invalid(
+            "product_id",
+            "a communication is about a CSP subscription or a non-CSP product, not both",
+        ));
+    }
     if Topic::try_from(topic).is_err() {
         return Err(LedgerError::invalid(
             "topic",
@@ -96,7 +104,7 @@ fn communication_filter(
         sender_id,
         topic,
         subscription_id,
-        product_id: String::new(),
+        product_id,
         from,
         to,
     })
@@ -217,27 +225,17 @@ impl ComplianceService for ComplianceApi {
                     ));
                 }
             };
-            let max_id = self.config.record_limits.max_id_bytes;
-            validate::optional_id("product_id", &request.product_id, max_id)?;
-            if !request.subscription_id.is_empty() && !request.product_id.is_empty() {
-                return Err(LedgerError::invalid(
-                    "product_id",
-                    "a communication is about a CSP subscription or a non-CSP product, not both",
-                ));
-            }
             let filter = ViolationFilter {
-                communications: CommunicationFilter {
-                    product_id: request.product_id.clone(),
-                    ..communication_filter(
-                        request.customer_id.clone(),
-                        request.sender_id.clone(),
-                        request.topic,
-                        request.subscription_id.clone(),
-                        &request.from,
-                        &request.to,
-                        max_id,
-                    )?
-                },
+                communications: communication_filter(
+                    request.customer_id.clone(),
+                    request.sender_id.clone(),
+                    request.topic,
+                    request.subscription_id.clone(),
+                    request.product_id.clone(),
+                    &request.from,
+                    &request.to,
+                    self.config.record_limits.max_id_bytes,
+                )?,
                 rule,
                 verdicts,
                 as_of_tree_size: request.as_of_tree_size,
@@ -296,6 +294,7 @@ impl ComplianceService for ComplianceApi {
                 request.sender_id.clone(),
                 request.topic,
                 request.subscription_id.clone(),
+                request.product_id.clone(),
                 &request.from,
                 &request.to,
                 self.config.record_limits.max_id_bytes,
@@ -312,11 +311,12 @@ impl ComplianceService for ComplianceApi {
             principal.as_ref(),
             "ListCommunications",
             format!(
-                "customer_id={:?} sender_id={:?} topic={} subscription_id={:?} from={:?} to={:?} page_size={} page_token={}",
+                "customer_id={:?} sender_id={:?} topic={} subscription_id={:?} product_id={:?} from={:?} to={:?} page_size={} page_token={}",
                 request.customer_id,
                 request.sender_id,
                 request.topic,
                 request.subscription_id,
+                request.product_id,
                 request.from.map(|t| t.seconds),
                 request.to.map(|t| t.seconds),
                 request.page_size,
