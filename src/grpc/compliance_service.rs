@@ -64,22 +64,36 @@ fn optional_time(
     }
 }
 
+/// The filter fields ListCommunications and ListViolations share, as the request has them.
+struct FilterFields<'r> {
+    customer_id: &'r str,
+    sender_id: &'r str,
+    topic: i32,
+    subscription_id: &'r str,
+    product_id: &'r str,
+    from: &'r Option<prost_types::Timestamp>,
+    to: &'r Option<prost_types::Timestamp>,
+}
+
 /// Filters shared by ListCommunications and ListViolations: ids are optional but, when
 /// given, must be well-formed.
 fn communication_filter(
-    customer_id: String,
-    sender_id: String,
-    topic: i32,
-    subscription_id: String,
-    product_id: String,
-    from: &Option<prost_types::Timestamp>,
-    to: &Option<prost_types::Timestamp>,
+    fields: FilterFields<'_>,
     max_id: usize,
 ) -> Result<CommunicationFilter, LedgerError> {
-    validate::optional_id("customer_id", &customer_id, max_id)?;
-    validate::optional_id("sender_id", &sender_id, max_id)?;
-    validate::optional_id("subscription_id", &subscription_id, max_id)?;
-    validate::optional_id("product_id", &product_id, max_id)?;
+    let FilterFields {
+        customer_id,
+        sender_id,
+        topic,
+        subscription_id,
+        product_id,
+        from,
+        to,
+    } = fields;
+    validate::optional_id("customer_id", customer_id, max_id)?;
+    validate::optional_id("sender_id", sender_id, max_id)?;
+    validate::optional_id("subscription_id", subscription_id, max_id)?;
+    validate::optional_id("product_id", product_id, max_id)?;
     if !subscription_id.is_empty() && !product_id.is_empty() {
         return Err(LedgerError::invalid(
             "product_id",
@@ -100,11 +114,11 @@ fn communication_filter(
         }
     }
     Ok(CommunicationFilter {
-        customer_id,
-        sender_id,
+        customer_id: customer_id.to_owned(),
+        sender_id: sender_id.to_owned(),
         topic,
-        subscription_id,
-        product_id,
+        subscription_id: subscription_id.to_owned(),
+        product_id: product_id.to_owned(),
         from,
         to,
     })
@@ -227,13 +241,15 @@ impl ComplianceService for ComplianceApi {
             };
             let filter = ViolationFilter {
                 communications: communication_filter(
-                    request.customer_id.clone(),
-                    request.sender_id.clone(),
-                    request.topic,
-                    request.subscription_id.clone(),
-                    request.product_id.clone(),
-                    &request.from,
-                    &request.to,
+                    FilterFields {
+                        customer_id: &request.customer_id,
+                        sender_id: &request.sender_id,
+                        topic: request.topic,
+                        subscription_id: &request.subscription_id,
+                        product_id: &request.product_id,
+                        from: &request.from,
+                        to: &request.to,
+                    },
                     self.config.record_limits.max_id_bytes,
                 )?,
                 rule,
@@ -290,13 +306,15 @@ impl ComplianceService for ComplianceApi {
         let request = request.into_inner();
         let run = || -> Result<_, LedgerError> {
             let filter = communication_filter(
-                request.customer_id.clone(),
-                request.sender_id.clone(),
-                request.topic,
-                request.subscription_id.clone(),
-                request.product_id.clone(),
-                &request.from,
-                &request.to,
+                FilterFields {
+                    customer_id: &request.customer_id,
+                    sender_id: &request.sender_id,
+                    topic: request.topic,
+                    subscription_id: &request.subscription_id,
+                    product_id: &request.product_id,
+                    from: &request.from,
+                    to: &request.to,
+                },
                 self.config.record_limits.max_id_bytes,
             )?;
             self.compliance
