@@ -81,8 +81,9 @@ impl Connection {
         }
         endpoint.connect().await.map_err(|error| {
             anyhow::anyhow!(
-                "cannot reach the server at {} ({error}); is it running? (--server)",
-                self.server
+                "cannot reach the server at {} ({}); is it running? (--server)",
+                self.server,
+                cause_chain(&error)
             )
         })
     }
@@ -115,4 +116,42 @@ pub fn call_error(what: &str, status: tonic::Status) -> anyhow::Error {
         status.code(),
         status.message()
     )
+}
+
+/// An error and its sources as one line, each cause said once: tonic's transport error says
+/// only "transport error" and keeps the reason (connection refused, a TLS failure, ...) in
+/// its sources; a source whose text the line already holds is left out.
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cause_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Plain(&'static str);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, Plain("refused"));
+        assert_eq!(cause_chain(&Outer(refused)), "transport error: refused");
+        let said = std::io::Error::other("transport error");
+        assert_eq!(cause_chain(&Outer(said)), "transport error");
+    }
 }
