@@ -522,6 +522,14 @@ async fn a_damaged_entry_is_never_served_and_stops_writes() {
         tonic::Code::FailedPrecondition,
         "{refused:?}"
     );
+    // The refusal names its real cause, not a checkpoint mismatch that did not happen.
+    assert!(
+        refused.message().contains("a read found a damaged entry")
+            && !refused
+                .message()
+                .contains("does not match its signed checkpoint"),
+        "{refused:?}"
+    );
     server.stop().await;
 }
 

@@ -30,10 +30,9 @@ pub enum LedgerError {
     /// The store does not match what the ledger signed or chained: it was altered or damaged.
     #[error("ledger integrity: {0}")]
     Integrity(String),
-    /// The store does not match what the ledger signed: reads are served, writes refused.
-    #[error(
-        "writes are refused: the store does not match its signed checkpoint ({0}); run audit-ledger verify"
-    )]
+    /// The store does not match what the ledger signed, or a read found a damaged entry:
+    /// reads are served, writes refused. The reason names which.
+    #[error("writes are refused: {0}; run audit-ledger verify")]
     WritesRefused(String),
     /// The store is out of space; retry once space is freed.
     #[error("{0}")]

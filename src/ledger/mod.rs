@@ -221,6 +221,7 @@ impl Ledger {
         );
         // No writer: the queue's receiver is dropped, and `append` refuses before using it.
         let (requests, _) = mpsc::channel(1);
+        let reason = format!("the store does not match its signed checkpoint ({reason})");
         let refused = LedgerError::WritesRefused(reason.clone()).to_string();
         let (_, writes) = watch::channel(WriteState::Refused(refused));
         Ok(Ledger {
