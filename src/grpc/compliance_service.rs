@@ -219,7 +219,7 @@ impl ComplianceService for ComplianceApi {
                 name => Some(Rule::from_name(name).ok_or_else(|| {
                     LedgerError::invalid(
                         "rule",
-                        format!("{name:?} is not a rule name of DOMAIN.md"),
+                        format!("{name:?} is not a rule name of docs/COMPLIANCE.md"),
                     )
                 })?),
             };

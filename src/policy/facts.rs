@@ -1,4 +1,4 @@
-//! The facts that decide who may talk to a customer (DOMAIN.md "The model"), and what they
+//! The facts that decide who may talk to a customer (docs/COMPLIANCE.md "The model"), and what they
 //! say at a point in business time.
 //!
 //! Facts are ledger entries. Each takes effect at its `effective_at`; a later fact about the

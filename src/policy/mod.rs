@@ -1,4 +1,4 @@
-//! Who may send what to whom, and when: the decision table of DOMAIN.md as pure functions.
+//! Who may send what to whom, and when: the decision table of docs/COMPLIANCE.md as pure functions.
 //!
 //! No I/O, no gRPC types: [`assess`] takes a question and the recorded facts that concern it
 //! (the caller may pass more; facts effective after the question's instant are ignored) and
@@ -17,7 +17,7 @@ use crate::ledger::time::Timestamp;
 /// rule's meaning changes, so that stored answers can be told apart.
 pub const POLICY_VERSION: &str = "domain-table/2";
 
-/// What a communication is about (DOMAIN.md "Communication topics").
+/// What a communication is about (docs/COMPLIANCE.md "The model").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
     Commercial,

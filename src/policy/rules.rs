@@ -1,10 +1,10 @@
-//! The decision table of DOMAIN.md, in one place. Rows are tried top to bottom; the first
+//! The decision table of docs/COMPLIANCE.md, in one place. Rows are tried top to bottom; the first
 //! that matches decides. Rule names are public API: compliance tools filter on them.
 
 use super::facts::{CustomerSubscription, PartyKind, PendingTransfer, Relationship, Snapshot};
 use super::{Assessment, Question, RecordedFact, Topic, Verdict};
 
-/// The rules, by DOMAIN.md row number.
+/// The rules, by docs/COMPLIANCE.md row number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rule {
     UnknownSender,
@@ -63,7 +63,7 @@ impl Rule {
             .expect("every rule has a row")
     }
 
-    /// The DOMAIN.md rule name, e.g. `VENDOR-CSP`.
+    /// The docs/COMPLIANCE.md rule name, e.g. `VENDOR-CSP`.
     pub fn name(self) -> &'static str {
         self.row().1
     }

@@ -1,4 +1,4 @@
-//! Every row of the DOMAIN.md table, the order rows are tried in, and the edge cases.
+//! Every row of the docs/COMPLIANCE.md table, the order rows are tried in, and the edge cases.
 
 use super::facts::Fact;
 use super::*;
