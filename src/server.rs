@@ -12,6 +12,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::auth::Authenticator;
+use crate::grpc::framing::FramingLayer;
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::middleware::{GateLayer, GateLimits};
 use crate::grpc::transport::{self, DeadlineLayer};
@@ -315,6 +316,8 @@ impl Server {
                 },
                 &descriptors,
             ))
+            // Innermost: the request's framing is checked as the service reads it.
+            .layer(FramingLayer::new(&descriptors))
             .service(routes);
         let stop = Arc::new(tokio::sync::Notify::new());
         let serving = transport::serve(
