@@ -21,7 +21,7 @@ use crate::access_log::AccessLog;
 use crate::compliance::Compliance;
 use crate::compliance::index::ComplianceIndexer;
 use crate::compliance::page_token::PageTokens;
-use crate::config::{DEFAULT_ORIGIN, ServerConfig, TlsFiles};
+use crate::config::{ACCESS_ANCHOR_INTERVAL, DEFAULT_ORIGIN, ServerConfig, TlsFiles};
 use crate::grpc::{AccessLogApi, ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions, WriteState};
@@ -335,6 +335,7 @@ impl Server {
         );
         tokio::pin!(serving);
         let flusher = self.access.spawn_flusher();
+        let anchorer = tokio::spawn(anchor_access_trail(self.ledger.clone()));
         tokio::select! {
             () = &mut serving => {}
             () = shutdown => {
@@ -348,11 +349,14 @@ impl Server {
         }
         flusher.abort();
         let _ = flusher.await;
+        anchorer.abort();
+        let _ = anchorer.await;
         writes_reporter.abort();
         let _ = writes_reporter.await;
         if let Err(error) = self.access.flush() {
             tracing::error!(%error, "access log flush at shutdown failed");
         }
+        // The writer anchors what was just flushed before it stops.
         self.ledger.shutdown().await;
         tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
         Ok(())
@@ -390,6 +394,18 @@ async fn report_writes(
             }
             _ = probe.tick() => ledger.probe_writes(),
         }
+    }
+}
+
+/// Asks the writer every [`ACCESS_ANCHOR_INTERVAL`] to anchor the access trail, so that
+/// reads recorded with no write after them are anchored too (it does nothing when the
+/// trail has not grown since its last anchor).
+async fn anchor_access_trail(ledger: Ledger) {
+    let mut tick = tokio::time::interval(ACCESS_ANCHOR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        ledger.anchor_trail();
     }
 }
 
