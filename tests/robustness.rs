@@ -181,7 +181,9 @@ async fn framing_defects_are_invalid_argument_for_every_service() {
             body.truncate(whole.len() + 2);
             body
         };
-        let mut defects: Vec<(&str, Vec<u8>, Vec<(&str, &str)>)> = vec![
+        // What is wrong, the body, and headers besides the usual ones.
+        type Defect<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>);
+        let mut defects: Vec<Defect> = vec![
             (
                 "a body shorter than its prefix declares",
                 declared_longer,
