@@ -300,19 +300,17 @@ impl Writer {
     /// has grown since the published checkpoint anchored it, and commits that checkpoint
     /// alone (with the log store, a frame without entries; see [`Command::Anchor`]). Same
     /// size, same root: it extends nothing and contradicts nothing. Not while writes are
-    /// refused for good or a held group still cannot be written (it goes first, being
-    /// signed already); a commit that fails is held like a group's. The free-space reserve
-    /// is for appends: a checkpoint is a few hundred bytes, and the anchor is what keeps
-    /// the reads of a full disk's last minutes on record.
+    /// refused (for good, a held group that still cannot be written — it goes first, being
+    /// signed already — or free space below the reserve: sled does not recover from an
+    /// ENOSPC it meets itself, so nothing is committed past the reserve); a commit that
+    /// fails is held like a group's.
     fn anchor_trail(&mut self) {
         if self.trail.is_none() || self.failed.is_some() {
             return;
         }
-        if self.limbo.is_some() {
-            self.probe();
-            if self.limbo.is_some() {
-                return;
-            }
+        if let Some(refusal) = self.refusal(0) {
+            self.tell(WriteState::Refused(refusal.to_string()));
+            return;
         }
         let Some(head) = self.trail.as_ref().map(|trail| trail.durable_head()) else {
             return;
