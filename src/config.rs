@@ -107,6 +107,11 @@ pub struct TlsFiles {
 /// Origin used when neither `--origin` nor an existing key names the log.
 pub const DEFAULT_ORIGIN: &str = "localhost/audit-ledger";
 
+/// How often the server asks the writer to anchor the access trail when it has grown
+/// with no write since (`Ledger::anchor_trail`): with the access log's flush interval
+/// (`access_log::FLUSH_INTERVAL`), how long a read may stay unanchored.
+pub const ACCESS_ANCHOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl ServerConfig {
     /// Defaults for a ledger in `data_dir` listening on `listen`.
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {

@@ -12,6 +12,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::auth::Authenticator;
+use crate::grpc::framing::FramingLayer;
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::middleware::{GateLayer, GateLimits};
 use crate::grpc::transport::{self, DeadlineLayer};
@@ -20,7 +21,7 @@ use crate::access_log::AccessLog;
 use crate::compliance::Compliance;
 use crate::compliance::index::ComplianceIndexer;
 use crate::compliance::page_token::PageTokens;
-use crate::config::{DEFAULT_ORIGIN, ServerConfig, TlsFiles};
+use crate::config::{ACCESS_ANCHOR_INTERVAL, DEFAULT_ORIGIN, ServerConfig, TlsFiles};
 use crate::grpc::{AccessLogApi, ComplianceApi, LedgerApi};
 use crate::keys::{self, KeyError};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions, WriteState};
@@ -337,6 +338,8 @@ impl Server {
                 },
                 &descriptors,
             ))
+            // Innermost: the request's framing is checked as the service reads it.
+            .layer(FramingLayer::new(&descriptors))
             .service(routes);
         let stop = Arc::new(tokio::sync::Notify::new());
         let serving = transport::serve(
@@ -354,6 +357,7 @@ impl Server {
         );
         tokio::pin!(serving);
         let flusher = self.access.spawn_flusher();
+        let anchorer = tokio::spawn(anchor_access_trail(self.ledger.clone()));
         tokio::select! {
             () = &mut serving => {}
             () = shutdown => {
@@ -367,11 +371,14 @@ impl Server {
         }
         flusher.abort();
         let _ = flusher.await;
+        anchorer.abort();
+        let _ = anchorer.await;
         writes_reporter.abort();
         let _ = writes_reporter.await;
         if let Err(error) = self.access.flush() {
             tracing::error!(%error, "access log flush at shutdown failed");
         }
+        // The writer anchors what was just flushed before it stops.
         self.ledger.shutdown().await;
         tracing::info!(tree_size = self.ledger.tree_size(), "ledger closed");
         Ok(())
@@ -409,6 +416,18 @@ async fn report_writes(
             }
             _ = probe.tick() => ledger.probe_writes(),
         }
+    }
+}
+
+/// Asks the writer every [`ACCESS_ANCHOR_INTERVAL`] to anchor the access trail, so that
+/// reads recorded with no write after them are anchored too (it does nothing when the
+/// trail has not grown since its last anchor).
+async fn anchor_access_trail(ledger: Ledger) {
+    let mut tick = tokio::time::interval(ACCESS_ANCHOR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        ledger.anchor_trail();
     }
 }
 

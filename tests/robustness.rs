@@ -69,6 +69,177 @@ async fn raw_call(channel: &Channel, path: &str, body: Vec<u8>) -> Result<Vec<u8
     .map(|response| response.into_inner())
 }
 
+/// Sends `body` as the whole body of a gRPC call to `path`, byte for byte (no framing
+/// added: the test writes the message prefixes itself), with `headers` besides the usual
+/// ones, and returns the call's status code and message.
+async fn raw_body_call(
+    channel: &Channel,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (i32, String) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut request = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    let response = channel.clone().oneshot(request).await.unwrap();
+    let status_of = |headers: &http::HeaderMap| {
+        let code = headers
+            .get("grpc-status")?
+            .to_str()
+            .ok()?
+            .parse::<i32>()
+            .ok()?;
+        let message = headers
+            .get("grpc-message")
+            .map(|value| percent_decode(value.as_bytes()))
+            .unwrap_or_default();
+        Some((code, message))
+    };
+    if let Some(status) = status_of(response.headers()) {
+        return status;
+    }
+    let trailers = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .trailers()
+        .cloned()
+        .unwrap_or_default();
+    status_of(&trailers).expect("a grpc-status in the trailers")
+}
+
+/// grpc-message is percent-encoded.
+fn percent_decode(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => {
+                let hex = std::str::from_utf8(hex).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(byte) => {
+                        out.push(byte);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            (byte, _) => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A message with its gRPC prefix: the compressed flag and the length.
+fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![flag];
+    bytes.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(message);
+    bytes
+}
+
+/// Issue 16, item 6: a request whose gRPC framing is broken is the caller's mistake too.
+/// tonic answered INTERNAL for each of these (and health and reflection, on tonic's own
+/// codec, for a message that does not decode; reflection ended such a call `OK`): every
+/// service answers INVALID_ARGUMENT naming the defect, and well-formed calls still pass.
+#[tokio::test]
+async fn framing_defects_are_invalid_argument_for_every_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, channel, mut client) = serve_one_entry(dir.path()).await;
+    const GET_ENTRY: &str = "/audit.ledger.v1.LedgerService/GetEntry";
+    const HEALTH: &str = "/grpc.health.v1.Health/Check";
+    const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    // GetEntryRequest { index: 0 }; HealthCheckRequest {}; ServerReflectionRequest {
+    // list_services: "" }.
+    let messages: [(&str, &[u8], bool); 3] = [
+        (GET_ENTRY, b"\x08\x00", true),
+        (HEALTH, b"", true),
+        (REFLECTION, b"\x3a\x00", false),
+    ];
+    for (path, message, unary) in messages {
+        let whole = framed(0, message);
+        assert_eq!(
+            raw_body_call(&channel, path, &[], whole.clone()).await.0,
+            0,
+            "{path}: a well-formed call"
+        );
+        let declared_longer = {
+            let mut body = framed(0, &[message, b"\x08\x00\x08\x00"].concat());
+            body.truncate(whole.len() + 2);
+            body
+        };
+        // What is wrong, the body, and headers besides the usual ones.
+        type Defect<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>);
+        let mut defects: Vec<Defect> = vec![
+            (
+                "a body shorter than its prefix declares",
+                declared_longer,
+                vec![],
+            ),
+            (
+                "a body longer than its prefix declares",
+                [whole.clone(), vec![0, 0, 1]].concat(),
+                vec![],
+            ),
+            ("a body cut inside the prefix", whole[..3].to_vec(), vec![]),
+            (
+                "the compressed flag with no encoding",
+                framed(1, message),
+                vec![],
+            ),
+            (
+                "the compressed flag with the identity encoding",
+                framed(1, message),
+                vec![("grpc-encoding", "identity")],
+            ),
+            ("a flag that is neither 0 nor 1", framed(2, message), vec![]),
+        ];
+        if unary {
+            defects.push(("an empty body", Vec::new(), vec![]));
+            defects.push((
+                "two messages for a unary method",
+                [whole.clone(), whole.clone()].concat(),
+                vec![],
+            ));
+        }
+        if path != GET_ENTRY {
+            // Field 1 (health's service, reflection's host) a string that is not UTF-8.
+            defects.push((
+                "a message that does not decode",
+                framed(0, b"\x0a\x02\xff\xfe"),
+                vec![],
+            ));
+        }
+        for (what, body, headers) in defects {
+            let (code, message) = raw_body_call(&channel, path, &headers, body).await;
+            assert_eq!(
+                code,
+                Code::InvalidArgument as i32,
+                "{path}, {what}: {message}"
+            );
+            assert!(
+                message.starts_with("the request is not well-formed gRPC: "),
+                "{path}, {what}: {message}"
+            );
+        }
+    }
+    assert_eq!(common::checkpoint(&mut client).await.size, 1);
+    server.stop().await;
+}
+
 /// A deterministic byte generator.
 struct Rng(u64);
 impl Rng {

@@ -980,7 +980,8 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
             // Checkpoints anchor what of the trail is on disk: flushed within 500 ms.
             tokio::time::sleep(audit_ledger::access_log::FLUSH_INTERVAL * 3).await;
         }
-        // Anchored by the last append's checkpoint: the five reads before it.
+        // Anchored by the last append's checkpoint (the five reads before it), then by the
+        // checkpoint re-signed with the trail's head at shutdown (all six).
         writer
             .append(AppendRequest {
                 communication: Some(communication("s", 2)),
@@ -996,7 +997,7 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
 
         let (ok, stdout) = common::run_verify(&data);
         assert!(
-            ok && stdout.contains("6 access records chained (5 anchored at size 3)"),
+            ok && stdout.contains("6 access records chained (6 anchored at size 3)"),
             "{storage:?}: {stdout}"
         );
         let store = data.join(audit_ledger::server::STORE_DIR_NAME);
@@ -1012,14 +1013,14 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
         let (ok, stdout) = common::run_verify(&data);
         assert!(
             !ok && stdout.starts_with(
-                "FAILED: the access log holds 3 records but the checkpoint at size 3 anchors 5"
+                "FAILED: the access log holds 3 records but the checkpoint at size 3 anchors 6"
             ),
             "{storage:?}: {stdout}"
         );
         let refusal = refused_start(&config);
         assert!(
             refusal.contains("refusing to start")
-                && refusal.contains("holds 3 records but the checkpoint at size 3 anchors 5"),
+                && refusal.contains("holds 3 records but the checkpoint at size 3 anchors 6"),
             "{storage:?}: {refusal}"
         );
         // Removed: the whole trail gone.
@@ -1027,7 +1028,7 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
         let (ok, stdout) = common::run_verify(&data);
         assert!(
             !ok && stdout.contains("the access log holds 0 records")
-                && stdout.contains("anchors 5"),
+                && stdout.contains("anchors 6"),
             "{storage:?}: {stdout}"
         );
         assert!(
@@ -1052,4 +1053,131 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
         assert!(ok, "{storage:?}: {stdout}");
         TestServer::start_with(config).await.stop().await;
     }
+}
+
+/// The access trail's anchor in a checkpoint note: `access-log <records> <hash>`.
+fn anchored_records(note: &str) -> Option<u64> {
+    note.lines()
+        .find_map(|line| line.strip_prefix("access-log "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|records| records.parse().ok())
+}
+
+/// Issue 16, item 5: anchors advanced with writes only, so the reads made since the last
+/// write could be cut from the trail without trace — on an idle ledger, every read since
+/// its last append. The writer now re-signs the same tree with the trail's head when the
+/// trail has grown (every second, and at shutdown): reads with no write after them are
+/// anchored, several checkpoints of one size verify, and cutting those reads is found.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_with_no_write_after_them_are_anchored_and_cutting_them_is_found() {
+    for storage in [
+        audit_ledger::storage::StorageKind::Log,
+        audit_ledger::storage::StorageKind::Sled,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth_file, tokens) = principals(dir.path());
+        let data = dir.path().join("data");
+        let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
+        config.auth_file = Some(auth_file);
+        config.storage = storage;
+        let server = TestServer::start_with(config.clone()).await;
+        let mut writer = ledger_as(&server.address, Some(&tokens.writer)).await;
+        let mut auditor = ledger_as(&server.address, Some(&tokens.auditor)).await;
+        writer
+            .append(AppendRequest {
+                communication: Some(communication("s", 0)),
+            })
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            auditor
+                .get_entry(GetEntryRequest { index: 0 })
+                .await
+                .unwrap();
+        }
+        // No write from here on. The checkpoint served comes to anchor the three reads
+        // (and the polls before it): the anchor moved without a write.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let anchored = loop {
+            let checkpoint = auditor
+                .get_checkpoint(GetCheckpointRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .checkpoint
+                .unwrap();
+            assert_eq!(checkpoint.size, 1, "{storage:?}");
+            match anchored_records(&checkpoint.note) {
+                Some(records) if records >= 3 => break records,
+                _ => {}
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{storage:?}: the reads since the last write were never anchored: {}",
+                checkpoint.note
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        drop((writer, auditor));
+        server.stop().await;
+
+        // Several checkpoints of size 1 (the append's, then re-signed): all verify, and the
+        // last anchors every read (the shutdown anchored the polls after `anchored`).
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(ok, "{storage:?}: {stdout}");
+        let trail = data
+            .join(audit_ledger::server::STORE_DIR_NAME)
+            .join(audit_ledger::storage::access_file::ACCESS_FILE);
+        let kept = std::fs::read(&trail).unwrap();
+        // The reads cut off, back to before the first of them: found by verify and the start.
+        keep_access_records(&trail, 0);
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(
+            !ok && stdout.contains("the access log holds 0 records but the checkpoint at size 1"),
+            "{storage:?}: {stdout}"
+        );
+        assert!(
+            refused_start(&config).contains("holds 0 records"),
+            "{storage:?}"
+        );
+        assert!(anchored >= 3);
+
+        // Put back, the server starts; reads made just before a clean stop are anchored by
+        // the stop itself.
+        std::fs::write(&trail, &kept).unwrap();
+        let server = TestServer::start_with(config.clone()).await;
+        let mut auditor = ledger_as(&server.address, Some(&tokens.auditor)).await;
+        auditor
+            .get_entry(GetEntryRequest { index: 0 })
+            .await
+            .unwrap();
+        drop(auditor);
+        server.stop().await;
+        let records = kept_records(&trail);
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(
+            ok && stdout.contains(&format!(
+                "{records} access records chained ({records} anchored at size 1)"
+            )),
+            "{storage:?}: {stdout}"
+        );
+        keep_access_records(&trail, records - 1);
+        let (ok, stdout) = common::run_verify(&data);
+        assert!(!ok, "{storage:?}: the last read cut off is found: {stdout}");
+    }
+}
+
+/// How many records `access.log` holds (its frames, as [`keep_access_records`] reads them).
+fn kept_records(trail: &Path) -> usize {
+    let bytes = std::fs::read(trail).unwrap();
+    let (mut end, mut records) = (8, 0);
+    while end + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+        if len == 0 || end + 4 + len + 8 > bytes.len() {
+            break;
+        }
+        end += 4 + len + 8;
+        records += 1;
+    }
+    records
 }

@@ -28,7 +28,7 @@ impl MetricsLayer {
     pub fn new(descriptor_sets: &[&[u8]]) -> Self {
         let mut known: HashSet<String> = super::methods(descriptor_sets)
             .into_iter()
-            .map(|(path, _)| path)
+            .map(|method| method.path)
             .collect();
         known.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into());
         known.insert("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".into());

@@ -59,8 +59,8 @@ impl GateLayer {
     ) -> Self {
         let streaming = super::methods(descriptor_sets)
             .into_iter()
-            .filter(|(_, server_streaming)| *server_streaming)
-            .map(|(path, _)| path)
+            .filter(|method| method.server_streaming)
+            .map(|method| method.path)
             .collect();
         GateLayer {
             authenticator,

@@ -5,6 +5,7 @@ pub mod access;
 pub mod codec;
 mod compliance_service;
 pub mod convert;
+pub mod framing;
 mod ledger_service;
 pub mod metrics;
 pub mod middleware;
@@ -26,9 +27,18 @@ pub(crate) fn take_ready<S: Clone>(service: &mut S) -> S {
     std::mem::replace(service, clone)
 }
 
-/// Every method of the given encoded descriptor sets: its path (`/package.Service/Method`)
-/// and whether the server streams its response.
-pub(crate) fn methods(descriptor_sets: &[&[u8]]) -> Vec<(String, bool)> {
+/// A method of a descriptor set, as the layers in front of the services need to know it.
+pub(crate) struct Method {
+    /// `/package.Service/Method`.
+    pub path: String,
+    /// The client sends a stream of messages (else exactly one).
+    pub client_streaming: bool,
+    /// The server answers with a stream of messages.
+    pub server_streaming: bool,
+}
+
+/// Every method of the given encoded descriptor sets.
+pub(crate) fn methods(descriptor_sets: &[&[u8]]) -> Vec<Method> {
     use prost::Message;
     let mut methods = Vec::new();
     for encoded in descriptor_sets {
@@ -40,13 +50,14 @@ pub(crate) fn methods(descriptor_sets: &[&[u8]]) -> Vec<(String, bool)> {
             for service in file.service {
                 let service_name = service.name.unwrap_or_default();
                 for method in service.method {
-                    methods.push((
-                        format!(
+                    methods.push(Method {
+                        path: format!(
                             "/{package}.{service_name}/{}",
                             method.name.unwrap_or_default()
                         ),
-                        method.server_streaming.unwrap_or(false),
-                    ));
+                        client_streaming: method.client_streaming.unwrap_or(false),
+                        server_streaming: method.server_streaming.unwrap_or(false),
+                    });
                 }
             }
         }

@@ -47,6 +47,12 @@ pub fn undecodable<U: Name>(error: prost::DecodeError) -> Status {
     }
 }
 
+/// A request whose gRPC framing is broken, or whose message does not decode for a service
+/// that uses tonic's own codec (`framing`): the caller's mistake, named.
+pub fn malformed_request(defect: &str) -> Status {
+    Status::invalid_argument(format!("the request is not well-formed gRPC: {defect}"))
+}
+
 /// A read whose access record could not be written is refused: nothing is read unrecorded
 /// (ARCHITECTURE.md). A full disk says so, and that a retry will do once space is freed.
 pub fn unrecorded_read(error: &StorageError) -> Status {

@@ -270,6 +270,15 @@ impl Ledger {
         let _ = self.requests.try_send(writer::Command::Probe);
     }
 
+    /// Asks the writer to anchor the access trail's durable head in a checkpoint of the
+    /// published tree, if the trail grew since it was last anchored. The server asks every
+    /// [`crate::config::ACCESS_ANCHOR_INTERVAL`], so that reads with no write after them
+    /// are anchored within about that long; a full queue (appends, which anchor the trail
+    /// themselves) skips it.
+    pub fn anchor_trail(&self) {
+        let _ = self.requests.try_send(writer::Command::Anchor);
+    }
+
     /// Appends records, all or nothing, and returns once they are durable. New records get
     /// contiguous indices in the order given; a record whose idempotency key is already
     /// taken by identical content is reported as a duplicate of the earlier entry.

@@ -32,11 +32,16 @@ pub(super) enum Command {
     /// space looked at, with no append waiting (so writes resume, and [`WriteState`] says
     /// so, when space returns while nobody writes).
     Probe,
-    /// Finish what is queued before this, then stop.
+    /// Anchor the access trail's durable head, if it grew since the published checkpoint
+    /// anchored it, in a checkpoint of the same tree re-signed with it (so that reads with
+    /// no write after them are anchored too).
+    Anchor,
+    /// Finish what is queued before this (and anchor the trail once more), then stop.
     Shutdown { done: oneshot::Sender<()> },
 }
 
 /// What the writer knows about the tip of the chain.
+#[derive(Clone)]
 pub(super) struct WriterState {
     pub checkpoint: SignedCheckpoint,
     last_leaf_hash: Hash,
@@ -192,6 +197,7 @@ impl Writer {
             let mut records = 0usize;
             let mut shutdown = None;
             let mut probe = false;
+            let mut anchor = false;
             let mut next = Some(command);
             while let Some(command) = next.take() {
                 match command {
@@ -203,6 +209,7 @@ impl Writer {
                         group.push((batch, reply));
                     }
                     Command::Probe => probe = true,
+                    Command::Anchor => anchor = true,
                     Command::Shutdown { done } => {
                         shutdown = Some(done);
                         break;
@@ -216,6 +223,10 @@ impl Writer {
                 self.commit_group(group);
             } else if probe {
                 self.probe();
+            }
+            // A group just committed anchored the trail as it was: only what came since.
+            if anchor || shutdown.is_some() {
+                self.anchor_trail();
             }
             if let Some(done) = shutdown {
                 let _ = done.send(());
@@ -282,6 +293,67 @@ impl Writer {
         match self.refusal(0) {
             Some(error) => self.tell(WriteState::Refused(error.to_string())),
             None => self.tell(WriteState::Accepting),
+        }
+    }
+
+    /// Re-signs the published tree with the access trail's durable head when the trail
+    /// has grown since the published checkpoint anchored it, and commits that checkpoint
+    /// alone (with the log store, a frame without entries; see [`Command::Anchor`]). Same
+    /// size, same root: it extends nothing and contradicts nothing. Not while writes are
+    /// refused (for good, a held group that still cannot be written — it goes first, being
+    /// signed already — or free space below the reserve: sled does not recover from an
+    /// ENOSPC it meets itself, so nothing is committed past the reserve); a commit that
+    /// fails is held like a group's.
+    fn anchor_trail(&mut self) {
+        if self.trail.is_none() || self.failed.is_some() {
+            return;
+        }
+        if let Some(refusal) = self.refusal(0) {
+            self.tell(WriteState::Refused(refusal.to_string()));
+            return;
+        }
+        let Some(head) = self.trail.as_ref().map(|trail| trail.durable_head()) else {
+            return;
+        };
+        let anchored = self.state.checkpoint.access_anchor;
+        if anchored == Some(head) || (anchored.is_none() && head.records == 0) {
+            return;
+        }
+        let size = self.state.checkpoint.size;
+        let checkpoint =
+            match self
+                .signer
+                .sign_anchoring(size, self.state.checkpoint.root_hash, Some(head))
+            {
+                Ok(checkpoint) => checkpoint,
+                Err(error) => {
+                    tracing::error!(%error, "signing the access trail's anchor failed");
+                    return;
+                }
+            };
+        let batch = CommitBatch {
+            checkpoint: Some((size, checkpoint.note.clone().into_bytes())),
+            ..CommitBatch::default()
+        };
+        let next_state = WriterState {
+            checkpoint,
+            ..self.state.clone()
+        };
+        let committed = match self.store.commit(&batch) {
+            Ok(()) => self.publish(batch, next_state),
+            Err(error) => {
+                tracing::error!(%error, "the access trail's anchor cannot be written; holding it for retry");
+                self.limbo = Some((batch, next_state));
+                Err(error)
+            }
+        };
+        match committed {
+            Ok(()) => tracing::debug!(
+                tree_size = size,
+                access_records = head.records,
+                "access trail anchored"
+            ),
+            Err(error) => self.tell(WriteState::Refused(commit_failure(&error).to_string())),
         }
     }
 

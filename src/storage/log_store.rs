@@ -88,9 +88,17 @@ fn idempotency_key(key: &[u8]) -> Vec<u8> {
     stored
 }
 
-fn checkpoint_key(size: u64) -> Vec<u8> {
+/// The key of a frame's checkpoint in `keys/`: `c` ‖ size for the first checkpoint of a
+/// size (the one of the group that grew the tree to it); a checkpoint of a frame without
+/// entries past the first frame re-signs the same tree with the access trail's newer
+/// anchor, and is `c` ‖ size ‖ the frame's offset (u64 BE): after the first of its size
+/// and before the next size, in the order they were written.
+fn checkpoint_key(size: u64, entries: usize, frame_start: u64) -> Vec<u8> {
     let mut key = vec![CHECKPOINT_PREFIX];
     key.extend_from_slice(&size.to_be_bytes());
+    if entries == 0 && frame_start > 0 {
+        key.extend_from_slice(&frame_start.to_be_bytes());
+    }
     key
 }
 
@@ -123,8 +131,8 @@ struct Tail {
     log_end: u64,
     /// Log offset up to which frames' idempotency keys are in `keys`.
     keys_applied: u64,
-    /// Size of the last checkpoint in the log (to recognise a retried batch).
-    last_checkpoint: Option<u64>,
+    /// The last checkpoint in the log, size and note (to recognise a retried batch).
+    last_checkpoint: Option<(u64, Vec<u8>)>,
     /// Entries in durable frames (readers see `LogStore::entries`, raised once their
     /// offsets are in the index file).
     in_log: u64,
@@ -557,7 +565,7 @@ impl LogStore {
         let mut tail = self.tail.lock().expect("tail lock");
         let (mut at, mut entries) = match self.last_indexed_frame(log_len)? {
             Some(frame) => {
-                tail.last_checkpoint = frame.checkpoint.as_ref().map(|(size, _)| *size);
+                tail.last_checkpoint = frame.checkpoint.clone();
                 (frame.start, frame.first_index)
             }
             None => (0, 0),
@@ -587,8 +595,8 @@ impl LogStore {
             }
             self.idx.write_all_at(&offsets, entries * 8).map_err(io)?;
             entries += frame.entry_offsets.len() as u64;
-            if let Some((size, _)) = &frame.checkpoint {
-                tail.last_checkpoint = Some(*size);
+            if frame.checkpoint.is_some() {
+                tail.last_checkpoint = frame.checkpoint.clone();
             }
             at = frame.start + frame.len;
         }
@@ -858,6 +866,7 @@ impl LogStore {
                 tail,
                 &frame.keys,
                 frame.checkpoint.as_ref(),
+                frame.entry_offsets.len(),
                 frame.start,
                 frame.len,
             )?;
@@ -873,6 +882,7 @@ impl LogStore {
         tail: &mut Tail,
         keys: &[(Vec<u8>, IdempotencyRecord)],
         checkpoint: Option<&(u64, Vec<u8>)>,
+        entries: usize,
         start: u64,
         len: u64,
     ) -> Result<(), StorageError> {
@@ -885,7 +895,7 @@ impl LogStore {
             writes.push((idempotency_key(key), Some(record.encode().to_vec())));
         }
         if let Some((size, note)) = checkpoint {
-            writes.push((checkpoint_key(*size), Some(note.clone())));
+            writes.push((checkpoint_key(*size, entries, start), Some(note.clone())));
             let mut latest = size.to_be_bytes().to_vec();
             latest.extend_from_slice(note);
             writes.push((LATEST_KEY.to_vec(), Some(latest)));
@@ -1239,7 +1249,15 @@ impl Store for LogStore {
         let in_log = tail.in_log;
         let written = match (batch.entries.first(), &batch.checkpoint) {
             (Some(first), _) => first.index < in_log,
-            (None, Some((size, _))) => tail.last_checkpoint.is_some_and(|last| last >= *size),
+            // A checkpoint alone (the empty tree's, or the same tree re-signed with a newer
+            // access trail anchor): written if the log holds it or a later one.
+            (None, Some((size, note))) => {
+                tail.last_checkpoint
+                    .as_ref()
+                    .is_some_and(|(last, last_note)| {
+                        last > size || (last == size && last_note == note)
+                    })
+            }
             (None, None) => true,
         };
         if !written {
@@ -1270,8 +1288,8 @@ impl Store for LogStore {
             tail.in_log += offsets.len() as u64;
             tail.unindexed = Some((in_log * 8, bytes));
             self.log_end.store(tail.log_end, Ordering::Release);
-            if let Some((size, _)) = &batch.checkpoint {
-                tail.last_checkpoint = Some(*size);
+            if batch.checkpoint.is_some() {
+                tail.last_checkpoint = batch.checkpoint.clone();
             }
         }
         // The index file is derived: written, not synced (the next open completes it).
@@ -1292,6 +1310,7 @@ impl Store for LogStore {
                     &mut tail,
                     &batch.idempotency,
                     batch.checkpoint.as_ref(),
+                    batch.entries.len(),
                     behind,
                     len,
                 )?;
@@ -1387,7 +1406,7 @@ impl Store for LogStore {
                         .get(1..9)
                         .and_then(|bytes| bytes.try_into().ok())
                         .map(u64::from_be_bytes)
-                        .filter(|_| key.len() == 9)
+                        .filter(|_| key.len() == 9 || key.len() == 17)
                         .ok_or_else(|| malformed("checkpoint key"))?;
                     Ok((size, note))
                 }),
@@ -1712,6 +1731,50 @@ mod tests {
         store.commit(&batch(0, 4, true)).unwrap();
         store.commit(&batch(4, 3, true)).unwrap();
         store
+    }
+
+    /// The same tree re-signed (the access trail's newer anchor): a frame with no entries
+    /// and the checkpoint alone. Every one is kept, in order, after the first of its size
+    /// and before the next size, also when `keys/` is rebuilt; a retried one is not
+    /// written twice.
+    #[test]
+    fn several_checkpoints_of_one_size_are_kept_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = filled(dir.path());
+        let resigned = |note: &str| CommitBatch {
+            checkpoint: Some((7, note.as_bytes().to_vec())),
+            ..CommitBatch::default()
+        };
+        store.commit(&resigned("note 7, anchor 1")).unwrap();
+        store.commit(&resigned("note 7, anchor 2")).unwrap();
+        store.commit(&resigned("note 7, anchor 2")).unwrap();
+        store.commit(&batch(7, 2, true)).unwrap();
+        let expected: Vec<(u64, Vec<u8>)> = [
+            (0, "note 0"),
+            (4, "note 4"),
+            (7, "note 7"),
+            (7, "note 7, anchor 1"),
+            (7, "note 7, anchor 2"),
+            (9, "note 9"),
+        ]
+        .into_iter()
+        .map(|(size, note)| (size, note.as_bytes().to_vec()))
+        .collect();
+        let stored = |store: &LogStore| -> Vec<(u64, Vec<u8>)> {
+            store.checkpoints().map(Result::unwrap).collect()
+        };
+        assert_eq!(stored(&store), expected);
+        let groups: Vec<_> = store.groups().unwrap().map(Result::unwrap).collect();
+        assert_eq!(groups.len(), 6, "one frame per distinct commit");
+        assert_eq!((groups[3].first_index, groups[3].entries), (7, 0));
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(stored(&store), expected);
+        drop(store);
+        std::fs::remove_dir_all(dir.path().join(KEYS_DIR)).unwrap();
+        let store = open(dir.path());
+        assert_eq!(stored(&store), expected, "rebuilt from the log");
+        assert_eq!(store.latest_checkpoint().unwrap().unwrap().0, 9);
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl Store for SledStore {
             keyed::put_idempotency(&mut writes, key, record);
         }
         if let Some((size, note)) = &batch.checkpoint {
-            keyed::put_checkpoint(&mut writes, *size, note);
+            keyed::put_checkpoint(&self.db, &mut writes, *size, note)?;
         }
         self.db.apply_batch(writes).map_err(backend)?;
         self.db.flush().map_err(backend)?;
@@ -375,8 +375,33 @@ mod keyed {
         batch.insert(idempotency_key(key), record.encode().as_slice());
     }
 
-    pub fn put_checkpoint(batch: &mut sled::Batch, size: u64, note: &[u8]) {
-        batch.insert(&checkpoint_key(size), note);
+    /// The first checkpoint of a size is `c` ‖ size; the same tree re-signed with a newer
+    /// access trail anchor is `c` ‖ size ‖ n (u64 BE, 1, 2, …): after the first and before
+    /// the next size, in the order signed. A checkpoint already stored last for its size
+    /// (a retried commit) is not stored twice.
+    pub fn put_checkpoint(
+        db: &sled::Db,
+        batch: &mut sled::Batch,
+        size: u64,
+        note: &[u8],
+    ) -> Result<(), StorageError> {
+        let first = checkpoint_key(size);
+        let key = match db.scan_prefix(first).next_back() {
+            None => first.to_vec(),
+            Some(item) => {
+                let (key, stored) = item.map_err(backend)?;
+                if stored.as_ref() == note {
+                    return Ok(());
+                }
+                let n = match key.get(9..17) {
+                    Some(n) => u64::from_be_bytes(n.try_into().expect("8 bytes")) + 1,
+                    None => 1,
+                };
+                [first.as_slice(), &n.to_be_bytes()].concat()
+            }
+        };
+        batch.insert(key, note);
+        Ok(())
     }
 
     pub fn idempotency_record(
