@@ -1399,7 +1399,8 @@ impl Store for LogStore {
     fn checkpoints_from(&self, size: u64) -> Checkpoints<'_> {
         Box::new(
             self.keys
-                .scan_from(checkpoint_key(size), vec![CHECKPOINT_PREFIX + 1])
+                // From the first checkpoint of `size` (a key without a frame offset).
+                .scan_from(checkpoint_key(size, 1, 0), vec![CHECKPOINT_PREFIX + 1])
                 .map(|item| {
                     let (key, note) = item?;
                     let size = key

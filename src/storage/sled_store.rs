@@ -436,10 +436,7 @@ mod keyed {
     }
 
     pub fn checkpoints(db: &sled::Db) -> Checkpoints<'_> {
-        Box::new(db.scan_prefix([CHECKPOINT]).map(|item| {
-            let (key, value) = item.map_err(backend)?;
-            Ok((index_of(&key)?, value.to_vec()))
-        }))
+        checkpoints_from(db, 0)
     }
 
     /// The checkpoints at tree sizes from `size` on, oldest first.
