@@ -1100,7 +1100,7 @@ async fn reads_with_no_write_after_them_are_anchored_and_cutting_them_is_found()
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let anchored = loop {
             let checkpoint = auditor
-                .get_checkpoint(GetCheckpointRequest {})
+                .get_checkpoint(GetCheckpointRequest::default())
                 .await
                 .unwrap()
                 .into_inner()
