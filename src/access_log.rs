@@ -59,6 +59,19 @@ pub struct AccessPage {
     pub next_index: u64,
     /// Empty on the last page.
     pub next_page_token: String,
+    /// The trail size the listing is pinned to: no record at or past it is listed.
+    pub trail_size: u64,
+}
+
+/// Where a listing of the access trail starts and what it is pinned to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listing {
+    /// The first record of the listing.
+    pub start_index: u64,
+    /// List only records below this trail size; 0 pins the listing to the trail's size
+    /// when its first page is read. A client paging by index passes the first page's
+    /// `trail_size` back here, so that its listing ends although each call is recorded.
+    pub as_of_trail_size: u64,
 }
 
 struct Tip {
@@ -220,14 +233,15 @@ impl AccessLog {
         self.tip.lock().expect("access log lock").size
     }
 
-    /// One page of the listing that starts at `start_index`: the first (`page_token`
-    /// empty) pins the listing to the trail's current size, before this call is recorded;
-    /// each later page continues from its token and never goes past that size, so the
-    /// listing ends even though every page read adds a record.
+    /// One page of the listing that starts at `listing.start_index`: the first
+    /// (`page_token` empty) pins the listing to `listing.as_of_trail_size`, or when that is 0
+    /// to the trail's current size, before this call is recorded; each later page continues
+    /// from its token and never goes past that size, so the listing ends even though every
+    /// page read adds a record. A start or a pinned size past the trail is out of range.
     pub fn page(
         &self,
         tokens: &PageTokens,
-        start_index: u64,
+        listing: Listing,
         page_size: i32,
         page_token: &str,
     ) -> Result<AccessPage, LedgerError> {
@@ -238,16 +252,41 @@ impl AccessLog {
             0 => DEFAULT_PAGE_SIZE,
             size => (size as usize).min(MAX_PAGE_SIZE),
         };
+        let Listing {
+            start_index,
+            as_of_trail_size,
+        } = listing;
         // A token continues only the listing it came from (not another listing's, nor
-        // one from another start).
-        let listing = fingerprint(&[b"access log", &start_index.to_be_bytes()]);
+        // one from another start or pinned to another size).
+        let fingerprint = fingerprint(&[
+            b"access log",
+            &start_index.to_be_bytes(),
+            &as_of_trail_size.to_be_bytes(),
+        ]);
         let (size, from) = if page_token.is_empty() {
-            (self.size(), start_index)
+            let current = self.size();
+            let size = match as_of_trail_size {
+                0 => current,
+                size if size > current => {
+                    return Err(LedgerError::out_of_range(
+                        "as_of_trail_size",
+                        format!("{size} is past the trail's current size {current}"),
+                    ));
+                }
+                size => size,
+            };
+            if start_index > size {
+                return Err(LedgerError::out_of_range(
+                    "start_index",
+                    format!("{start_index} is past the trail's size {size}"),
+                ));
+            }
+            (size, start_index)
         } else {
-            let position = tokens.check(page_token, listing).map_err(|_| {
+            let position = tokens.check(page_token, fingerprint).map_err(|_| {
                 LedgerError::invalid(
                     "page_token",
-                    "was not issued by this server for a listing from this start_index",
+                    "was not issued by this server for a listing from this start_index and as_of_trail_size",
                 )
             })?;
             (position.tree_size, position.index)
@@ -257,7 +296,7 @@ impl AccessLog {
             .last()
             .map_or(from.max(size), |record| record.index + 1);
         let next_page_token = if next_index < size {
-            tokens.issue(listing, PagePosition::in_order(size, next_index))
+            tokens.issue(fingerprint, PagePosition::in_order(size, next_index))
         } else {
             String::new()
         };
@@ -265,6 +304,7 @@ impl AccessLog {
             records,
             next_index,
             next_page_token,
+            trail_size: size,
         })
     }
 
@@ -453,7 +493,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut token = String::new();
         for _ in 0..10 {
-            let page = log.page(&tokens, 1, 2, &token).unwrap();
+            let page = log.page(&tokens, from(1), 2, &token).unwrap();
             // Each page read is recorded, as the service does.
             read(&log, 99);
             seen.extend(page.records.iter().map(|record| record.index));
@@ -467,16 +507,67 @@ mod tests {
         assert_eq!(seen, [1, 2, 3, 4]);
 
         // A token continues only its own listing.
-        let first = log.page(&tokens, 0, 2, "").unwrap();
+        let first = log.page(&tokens, from(0), 2, "").unwrap();
         for (start, token) in [(1, first.next_page_token.as_str()), (0, "forged")] {
-            let error = log.page(&tokens, start, 2, token).unwrap_err();
+            let error = log.page(&tokens, from(start), 2, token).unwrap_err();
             assert!(error.to_string().starts_with("page_token"), "{error}");
         }
-        let error = log.page(&tokens, 0, -1, "").unwrap_err();
+        let error = log.page(&tokens, from(0), -1, "").unwrap_err();
         assert!(error.to_string().starts_with("page_size"), "{error}");
-        // Past the end: empty, and done.
-        let past = log.page(&tokens, 1000, 0, "").unwrap();
-        assert!(past.records.is_empty() && past.next_page_token.is_empty());
-        assert_eq!(past.next_index, 1000);
+        // At the end: empty, and done; past it: out of range.
+        let size = log.size();
+        let end = log.page(&tokens, from(size), 0, "").unwrap();
+        assert!(end.records.is_empty() && end.next_page_token.is_empty());
+        assert_eq!((end.next_index, end.trail_size), (size, size));
+        let past = log.page(&tokens, from(size + 1), 0, "").unwrap_err();
+        assert!(matches!(past, LedgerError::OutOfRange { .. }), "{past}");
+        assert!(past.to_string().starts_with("start_index"), "{past}");
+    }
+
+    fn from(start_index: u64) -> Listing {
+        Listing {
+            start_index,
+            as_of_trail_size: 0,
+        }
+    }
+
+    /// Paging by index (no tokens) ends when each call passes back the first page's
+    /// `trail_size`, though every call is recorded; without it, it would never end.
+    #[test]
+    fn paging_by_index_ends_at_the_pinned_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let log =
+            AccessLog::open(AccessFile::open(&dir.path().join(ACCESS_FILE)).unwrap()).unwrap();
+        let tokens = PageTokens::new(b"secret");
+        for n in 0..5 {
+            read(&log, n);
+        }
+        let mut listing = from(0);
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let page = log.page(&tokens, listing, 2, "").unwrap();
+            read(&log, 99);
+            if page.records.is_empty() {
+                break;
+            }
+            seen.extend(page.records.iter().map(|record| record.index));
+            listing = Listing {
+                start_index: page.next_index,
+                as_of_trail_size: page.trail_size,
+            };
+        }
+        assert_eq!(seen, [0, 1, 2, 3, 4]);
+        let error = log
+            .page(
+                &tokens,
+                Listing {
+                    start_index: 0,
+                    as_of_trail_size: log.size() + 1,
+                },
+                2,
+                "",
+            )
+            .unwrap_err();
+        assert!(error.to_string().starts_with("as_of_trail_size"), "{error}");
     }
 }

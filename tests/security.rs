@@ -896,6 +896,57 @@ async fn an_admin_pages_through_the_access_log_to_its_end() {
         &after.records[5..]
     );
 
+    // Paging by index ends too: each call passes back the first answer's trail_size.
+    let mut request = ListAccessLogRequest {
+        page_size: 3,
+        ..Default::default()
+    };
+    let mut by_index = Vec::new();
+    let mut pinned = None;
+    for calls in 1.. {
+        assert!(calls <= 20, "paging by index did not end");
+        let page = admin
+            .list_access_log(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let size = *pinned.get_or_insert(page.trail_size);
+        assert_eq!(page.trail_size, size);
+        if page.records.is_empty() {
+            assert_eq!(page.next_index, size);
+            break;
+        }
+        by_index.extend(page.records.iter().map(|r| r.index));
+        request = ListAccessLogRequest {
+            start_index: page.next_index,
+            as_of_trail_size: page.trail_size,
+            page_size: 3,
+            ..Default::default()
+        };
+    }
+    assert_eq!(by_index, (0..pinned.unwrap()).collect::<Vec<_>>());
+    // Past the trail is out of range, naming the field.
+    for (request, field) in [
+        (
+            ListAccessLogRequest {
+                start_index: 1_000,
+                ..Default::default()
+            },
+            "start_index",
+        ),
+        (
+            ListAccessLogRequest {
+                as_of_trail_size: 1_000,
+                ..Default::default()
+            },
+            "as_of_trail_size",
+        ),
+    ] {
+        let status = admin.list_access_log(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+    }
+
     // A token continues only its own listing.
     let first = admin
         .list_access_log(ListAccessLogRequest {
@@ -910,6 +961,7 @@ async fn an_admin_pages_through_the_access_log_to_its_end() {
             start_index: 3,
             page_size: 1,
             page_token: first.next_page_token,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::status::{to_status, unrecorded_read};
-use crate::access_log::{Access, AccessLog};
+use crate::access_log::{Access, AccessLog, Listing};
 use crate::auth::Principal;
 use crate::compliance::page_token::PageTokens;
 use crate::proto::access_log_service_server::AccessLogService;
@@ -89,7 +89,10 @@ impl AccessLogService for AccessLogApi {
             .log
             .page(
                 &self.tokens,
-                request.start_index,
+                Listing {
+                    start_index: request.start_index,
+                    as_of_trail_size: request.as_of_trail_size,
+                },
                 request.page_size,
                 &request.page_token,
             )
@@ -99,8 +102,9 @@ impl AccessLogService for AccessLogApi {
             principal.as_ref(),
             "/audit.ledger.v1.AccessLogService/ListAccessLog",
             format!(
-                "start_index={} page_size={} page_token={}",
+                "start_index={} as_of_trail_size={} page_size={} page_token={}",
                 request.start_index,
+                request.as_of_trail_size,
                 request.page_size,
                 !request.page_token.is_empty()
             ),
@@ -110,6 +114,7 @@ impl AccessLogService for AccessLogApi {
             records: page.records,
             next_index: page.next_index,
             next_page_token: page.next_page_token,
+            trail_size: page.trail_size,
         }))
     }
 }
