@@ -271,6 +271,26 @@ fn encode_frame(batch: &CommitBatch, start: u64) -> (Vec<u8>, Vec<u64>) {
 
 /// Reads the frame at `start`, or `None` when what is there is not a whole, intact frame
 /// (the end of the log, or a write that never completed).
+/// How far the frames at the start of `bytes` claim to reach: each header's magic and
+/// length followed while they are plausible, whether or not the frame checks out.
+fn declared_end(bytes: &[u8]) -> usize {
+    let mut at = 0usize;
+    while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
+        let len = u64_at(header, 4);
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|len| at.checked_add(len))
+        else {
+            break;
+        };
+        if &header[..4] != MAGIC || len < (FRAME_HEADER + HASH_SIZE) as u64 || end > bytes.len() {
+            break;
+        }
+        at = end;
+    }
+    at
+}
+
 fn read_frame(log: &File, start: u64, log_len: u64) -> Result<Option<Frame>, StorageError> {
     if start
         .checked_add(FRAME_HEADER as u64)
@@ -1118,10 +1138,14 @@ pub fn cut_log(
     let at_byte = frames[kept].0;
     let mut cut = vec![0u8; (log_len - at_byte) as usize];
     log.read_exact_at(&mut cut, at_byte).map_err(io)?;
+    // The file is zeroed ahead of the frames: keep what the frame headers claim (a frame
+    // may end in a zero byte) or, past that, up to the last byte written.
+    let claimed = declared_end(&cut);
     cut.truncate(
         cut.iter()
             .rposition(|&byte| byte != 0)
-            .map_or(0, |last| last + 1),
+            .map_or(0, |last| last + 1)
+            .max(claimed),
     );
     let idx_path = dir.join(INDEX_FILE);
     let idx = std::fs::read(&idx_path).unwrap_or_default();
@@ -1642,6 +1666,24 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a cut keeps reaches the end its frame headers claim, so a frame whose last byte
+    /// is zero is kept whole (the zeros past it, written ahead, are not kept).
+    #[test]
+    fn a_cut_keeps_a_frame_that_ends_in_a_zero_byte() {
+        let frame_len = FRAME_HEADER + HASH_SIZE + 3;
+        let mut bytes = vec![0u8; frame_len + 100];
+        bytes[..4].copy_from_slice(MAGIC);
+        bytes[4..12].copy_from_slice(&(frame_len as u64).to_le_bytes());
+        bytes[frame_len - 2] = 7; // the frame's last byte stays 0
+        assert_eq!(declared_end(&bytes), frame_len);
+        // A damaged header claims nothing; an over-long one neither.
+        bytes[0] ^= 1;
+        assert_eq!(declared_end(&bytes), 0);
+        bytes[0] ^= 1;
+        bytes[4..12].copy_from_slice(&(10_000u64).to_le_bytes());
+        assert_eq!(declared_end(&bytes), 0);
+    }
     use crate::storage::NewEntry;
 
     fn batch(first: u64, count: u64, checkpoint: bool) -> CommitBatch {
