@@ -2,12 +2,20 @@
 //! communications, served over gRPC.
 //!
 //! # Layout
-//! - [`ledger`]: the domain core: sequencing, hash chain, RFC 9162 Merkle tree, C2SP
-//!   checkpoints, the single writer with group commit. No tonic, no sled, no proto types.
-//! - [`storage`]: the [`storage::Store`] trait and its sled implementation.
-//! - [`records`]: what can be recorded (communications): validation, and the encoding of
-//!   their leaf records (the leaf format is protobuf by contract).
-//! - [`grpc`]: the only code that sees tonic: request conversion, status mapping.
+//! The lower layers are crates of their own (ARCHITECTURE.md, "Layers"), re-exported here:
+//! - [`ledger`] (crate `audit-ledger-core`, on `audit-ledger-primitives`): the domain core:
+//!   sequencing, hash chain, RFC 9162 Merkle tree, C2SP checkpoints, the single writer with
+//!   group commit, and the [`storage::Store`] trait it owns. No tonic, no storage engine, no
+//!   proto types.
+//! - [`policy`] (crate `audit-ledger-policy`): who may contact a customer, pure functions.
+//!
+//! This crate is the service above them:
+//! - [`storage`]: the backends of the `Store` trait: the log store (the default) and the
+//!   all-in-sled store.
+//! - [`records`]: what can be recorded (communications, facts): validation, and the
+//!   encoding of their leaf records (the leaf format is protobuf by contract).
+//! - [`compliance`]: CheckSender and the listings over the derived indexes.
+//! - [`grpc`]: the service's tonic code: request conversion, status mapping.
 //! - [`server`]: wiring: open the store and ledger, serve, shut down.
 //! - [`keys`]: the signing key file. [`verify`]: offline end-to-end verification.
 //! - [`export`]: exports (entries + manifest of proofs) and their offline verification.
@@ -15,7 +23,6 @@
 
 pub mod access_log;
 pub mod auth;
-pub mod background;
 pub mod bench;
 pub mod client;
 pub mod compliance;
@@ -23,13 +30,15 @@ pub mod config;
 pub mod export;
 pub mod grpc;
 pub mod keys;
-pub mod ledger;
-pub mod policy;
 pub mod records;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod verify;
+
+// The lower layers, where the service's modules and its users find them.
+pub use audit_ledger_core::{background, ledger};
+pub use audit_ledger_policy as policy;
 
 /// Types generated from `proto/audit/ledger/v1/ledger.proto`.
 pub mod proto {

@@ -13,12 +13,8 @@ pub mod names {
     pub const APPENDS: &str = "audit_ledger_appends_total";
     /// Facts submitted, by `result`: appended, duplicate, rejected.
     pub const FACTS: &str = "audit_ledger_facts_total";
-    /// New entries written by one group commit.
-    pub const GROUP_ENTRIES: &str = "audit_ledger_group_commit_entries";
-    /// Seconds one group commit took to write and flush.
-    pub const FLUSH_SECONDS: &str = "audit_ledger_flush_seconds";
-    /// Entries in the published tree.
-    pub const TREE_SIZE: &str = "audit_ledger_tree_size";
+    /// The ledger core's own: group commit size and time, tree size.
+    pub use audit_ledger_core::metric_names::*;
     /// Verdicts given (CheckSender and at ingestion), by `verdict` and `rule`.
     pub const VERDICTS: &str = "audit_ledger_verdicts_total";
     /// gRPC calls, by `method` and `code`.

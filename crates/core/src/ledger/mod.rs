@@ -5,12 +5,11 @@
 //! One writer thread ([`writer`]) owns sequencing, hashing and durability. Readers go
 //! straight to the store, bounded by the published checkpoint, and never wait on it.
 
-pub mod checkpoint;
 pub mod error;
-pub mod leaf;
-pub mod merkle;
-pub mod time;
 mod writer;
+
+// The primitives, where the ledger's users have always found them.
+pub use audit_ledger_primitives::{checkpoint, leaf, merkle, time};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::storage::{StorageError, Store};
+use crate::store::{StorageError, Store};
 pub use checkpoint::{CheckpointSigner, CheckpointVerifier, SignedCheckpoint, TrailAnchor};
 pub use error::LedgerError;
 use merkle::{Hash, NodeError, NodeSource};
@@ -575,7 +574,8 @@ impl NodeSource for StoreNodes<'_> {
                     std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
                     std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
                         self.0
-                            .leaf_nodes(leaf)?
+                            .leaf_nodes(leaf)
+                            .map_err(|error| NodeError::Source(Box::new(error)))?
                             .ok_or(NodeError::Missing(stored_index))?,
                     ),
                 };

@@ -1,6 +1,6 @@
 //! Errors of the ledger core. `grpc::status` is the one place that maps them to statuses.
 
-use crate::storage::StorageError;
+use crate::store::StorageError;
 
 use super::checkpoint::CheckpointError;
 use super::merkle::{NodeError, ProofError};
@@ -96,7 +96,11 @@ impl From<NodeError> for LedgerError {
             NodeError::Missing(node) => {
                 LedgerError::Integrity(format!("tree node {node} is missing from the store"))
             }
-            NodeError::Storage(storage) => LedgerError::Storage(storage),
+            // Node sources here are stores: their errors are storage errors.
+            NodeError::Source(source) => match source.downcast::<StorageError>() {
+                Ok(storage) => LedgerError::Storage(*storage),
+                Err(other) => LedgerError::Integrity(other.to_string()),
+            },
         }
     }
 }

@@ -11,8 +11,6 @@
 pub use tlog_tiles::{EMPTY_HASH, Hash};
 use tlog_tiles::{HashReader, stored_hash_index};
 
-use crate::storage::StorageError;
-
 /// Size of every hash in the tree (SHA-256).
 pub const HASH_SIZE: usize = 32;
 
@@ -54,8 +52,9 @@ pub enum NodeError {
     /// A node that must exist for the tree size asked about is missing: the store is damaged.
     #[error("tree node {0} is missing")]
     Missing(u64),
+    /// The source could not read them (its own error, e.g. the store's).
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Source(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Errors of the proof and root computations.

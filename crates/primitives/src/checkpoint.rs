@@ -240,7 +240,7 @@ impl CheckpointVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::merkle::EMPTY_HASH;
+    use crate::merkle::EMPTY_HASH;
 
     fn signer() -> CheckpointSigner {
         CheckpointSigner::new("example.com/log", SigningKey::from_bytes(&[7u8; 32])).unwrap()
@@ -266,9 +266,7 @@ mod tests {
     fn verifies_own_checkpoints_and_rejects_altered_ones() {
         let signer = signer();
         let verifier = CheckpointVerifier::new(&signer.verifier_key()).unwrap();
-        let checkpoint = signer
-            .sign(42, crate::ledger::merkle::leaf_hash(b"x"))
-            .unwrap();
+        let checkpoint = signer.sign(42, crate::merkle::leaf_hash(b"x")).unwrap();
         assert_eq!(
             verifier.verify(checkpoint.note.as_bytes()).unwrap(),
             checkpoint
@@ -291,10 +289,10 @@ mod tests {
         let signer = signer();
         let anchor = TrailAnchor {
             records: 12,
-            head: crate::ledger::merkle::leaf_hash(b"record 11"),
+            head: crate::merkle::leaf_hash(b"record 11"),
         };
         let checkpoint = signer
-            .sign_anchoring(42, crate::ledger::merkle::leaf_hash(b"x"), Some(anchor))
+            .sign_anchoring(42, crate::merkle::leaf_hash(b"x"), Some(anchor))
             .unwrap();
         let lines: Vec<&str> = checkpoint.note.lines().collect();
         assert_eq!(lines[1], "42");

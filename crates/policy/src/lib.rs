@@ -11,7 +11,7 @@ pub mod rules;
 pub use facts::{Fact, PartyKind, RecordedFact, Snapshot, TransferState};
 pub use rules::{RULES, Rule, assess};
 
-use crate::ledger::time::Timestamp;
+use audit_ledger_primitives::time::Timestamp;
 
 /// Version of the rule table that decides, reported with every assessment. Bump it when a
 /// rule's meaning changes, so that stored answers can be told apart.

@@ -21,7 +21,7 @@ use super::time::Timestamp;
 use super::{
     Appended, Indexer, LedgerOptions, NewRecord, Published, StoreNodes, TrailHead, WriteState,
 };
-use crate::storage::{CommitBatch, IdempotencyRecord, NewEntry, StorageError, Store};
+use crate::store::{CommitBatch, IdempotencyRecord, NewEntry, StorageError, Store};
 
 pub(super) enum Command {
     Append {
@@ -424,13 +424,12 @@ impl Writer {
     }
 
     /// Commits one group, measuring its size and how long the write and flush took.
-    fn timed_commit(&self, batch: &CommitBatch) -> Result<(), crate::storage::StorageError> {
+    fn timed_commit(&self, batch: &CommitBatch) -> Result<(), crate::store::StorageError> {
         let started = std::time::Instant::now();
         self.store.commit(batch)?;
-        metrics::histogram!(crate::telemetry::names::FLUSH_SECONDS)
+        metrics::histogram!(crate::metric_names::FLUSH_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        metrics::histogram!(crate::telemetry::names::GROUP_ENTRIES)
-            .record(batch.entries.len() as f64);
+        metrics::histogram!(crate::metric_names::GROUP_ENTRIES).record(batch.entries.len() as f64);
         Ok(())
     }
 
@@ -466,7 +465,7 @@ impl Writer {
             .checkpoint
             .store(Arc::new(next_state.checkpoint.clone()));
         tracing::debug!(tree_size = next_state.checkpoint.size, "group committed");
-        metrics::gauge!(crate::telemetry::names::TREE_SIZE).set(next_state.checkpoint.size as f64);
+        metrics::gauge!(crate::metric_names::TREE_SIZE).set(next_state.checkpoint.size as f64);
         self.state = next_state;
         Ok(())
     }
@@ -626,9 +625,9 @@ impl Writer {
 }
 
 /// What the callers of a group whose commit failed are told.
-fn commit_failure(error: &crate::storage::StorageError) -> LedgerError {
+fn commit_failure(error: &crate::store::StorageError) -> LedgerError {
     match error {
-        crate::storage::StorageError::NoSpace(_) => LedgerError::ResourceExhausted(format!(
+        crate::store::StorageError::NoSpace(_) => LedgerError::ResourceExhausted(format!(
             "the ledger's disk is full ({error}); nothing was acknowledged: retry, idempotently, once space is freed"
         )),
         _ => LedgerError::Unavailable(format!(

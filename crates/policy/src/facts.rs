@@ -6,7 +6,7 @@
 //! earlier one from its own `effective_at`. Facts with equal `effective_at` apply in ledger
 //! order. [`Snapshot`] answers questions about the facts in force at one instant.
 
-use crate::ledger::time::Timestamp;
+use audit_ledger_primitives::time::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartyKind {
