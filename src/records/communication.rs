@@ -3,8 +3,8 @@
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use super::RecordLimits;
 use super::validate;
-use crate::config::RecordLimits;
 use crate::ledger::time::Timestamp;
 use crate::ledger::{LedgerError, NewRecord};
 use crate::policy;

@@ -2,8 +2,8 @@
 
 use prost::Message;
 
+use super::RecordLimits;
 use super::validate;
-use crate::config::RecordLimits;
 use crate::ledger::time::Timestamp;
 use crate::ledger::{LedgerError, NewRecord};
 use crate::policy;

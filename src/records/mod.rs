@@ -8,7 +8,9 @@
 pub mod communication;
 pub mod describe;
 pub mod fact;
+pub mod limits;
 pub mod validate;
 
 pub use communication::prepare_communication;
 pub use fact::prepare_fact;
+pub use limits::RecordLimits;
