@@ -126,13 +126,9 @@ pub(super) fn malformed(text: impl Into<String>) -> StorageError {
     StorageError::Malformed(text.into())
 }
 
-/// A file operation's failure; a full disk is told apart.
+/// A file operation's failure: its kind kept, a full disk told apart.
 pub(super) fn io(error: std::io::Error) -> StorageError {
-    if error.raw_os_error() == Some(28) {
-        StorageError::NoSpace(error.to_string())
-    } else {
-        StorageError::Backend(error.to_string())
-    }
+    StorageError::from(error)
 }
 
 #[cfg(test)]

@@ -95,21 +95,13 @@ impl IndexStore for SledIndex {
 }
 
 pub(super) fn backend(error: sled::Error) -> StorageError {
-    match &error {
-        sled::Error::Io(io)
-            if io.kind() == std::io::ErrorKind::StorageFull
-                || io.raw_os_error() == Some(ENOSPC) =>
-        {
-            StorageError::NoSpace(error.to_string())
-        }
+    match error {
+        sled::Error::Io(io) => StorageError::from(io),
         // sled's own checksums found damage: the data is wrong, not unreadable.
         sled::Error::Corruption { .. } => StorageError::Malformed(error.to_string()),
         _ => StorageError::Backend(error.to_string()),
     }
 }
-
-/// Linux's "no space left on device".
-const ENOSPC: i32 = 28;
 
 /// The key of entry `index`'s leaf. Public so that tests can tamper with a stored leaf.
 pub fn leaf_key(index: u64) -> [u8; 9] {

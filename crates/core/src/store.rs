@@ -62,10 +62,18 @@ impl IdempotencyRecord {
 /// A storage failure. The message is for operators; clients see a generic status.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// The disk is full.
+    /// The disk is full (`io::ErrorKind::StorageFull`): writes wait for space.
     #[error("no space left on device: {0}")]
     NoSpace(String),
-    /// The underlying store failed (I/O, disk full, lock held by another process, ...).
+    /// A file or device operation failed, of this kind (the operating system's error,
+    /// kept as its kind rather than flattened into the text).
+    #[error("storage I/O ({kind}): {detail}")]
+    Io {
+        kind: std::io::ErrorKind,
+        detail: String,
+    },
+    /// The storage engine failed for a reason of its own (a lock held by another process,
+    /// a worker that stopped, ...).
     #[error("storage backend: {0}")]
     Backend(String),
     /// A stored value does not have the shape this code writes: the store was altered.
@@ -78,6 +86,19 @@ pub enum StorageError {
         first_bad_index: u64,
         detail: String,
     },
+}
+
+impl From<std::io::Error> for StorageError {
+    /// A full disk is told apart by its kind; every other failure keeps its kind.
+    fn from(error: std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::StorageFull => StorageError::NoSpace(error.to_string()),
+            kind => StorageError::Io {
+                kind,
+                detail: error.to_string(),
+            },
+        }
+    }
 }
 
 impl StorageError {
@@ -243,4 +264,29 @@ pub trait IndexStore: Send + Sync + 'static {
     /// Starts making every write so far durable, without waiting for it (an owner that
     /// bounds how much it would re-derive after a crash calls this now and then).
     fn seal(&self) -> Result<(), StorageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StorageError;
+    use std::io::{Error, ErrorKind};
+
+    /// An I/O failure keeps its kind; a full disk is told apart by kind, not by number.
+    #[test]
+    fn io_errors_keep_their_kind() {
+        let full = StorageError::from(Error::from_raw_os_error(28));
+        assert!(matches!(full, StorageError::NoSpace(_)), "{full:?}");
+        let denied = StorageError::from(Error::new(ErrorKind::PermissionDenied, "no"));
+        assert!(
+            matches!(
+                denied,
+                StorageError::Io {
+                    kind: ErrorKind::PermissionDenied,
+                    ..
+                }
+            ),
+            "{denied:?}"
+        );
+        assert!(!denied.is_damage());
+    }
 }
