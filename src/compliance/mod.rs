@@ -5,6 +5,7 @@
 
 pub mod index;
 pub mod page_token;
+mod request;
 
 use std::collections::HashMap;
 use std::sync::Arc;

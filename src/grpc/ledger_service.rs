@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::access::Recorder;
 use super::convert::{assessment_message, entry_message};
-use super::status::to_status;
+use super::status::{ApiError, to_status};
 use crate::access_log::AccessLog;
 use crate::auth::Principal;
 use crate::compliance::Compliance;
@@ -21,7 +21,8 @@ use crate::proto::{
     GetInclusionProofResponse, ListEntriesRequest, ListEntriesResponse,
 };
 use crate::records::communication::question_of;
-use crate::records::prepare_communication;
+use crate::records::communication::{check_batch_size, prepare_batch};
+use crate::records::{Invalid, prepare_communication};
 use crate::telemetry::{self, names};
 
 #[derive(Clone)]
@@ -128,10 +129,10 @@ fn check_sender_binding(
 ) -> Result<(), Status> {
     match principal {
         Some(principal) if !principal.may_send_as(&communication.sender_id) => {
-            Err(Status::permission_denied(format!(
+            Err(to_status(ApiError::PermissionDenied(format!(
                 "{field}.sender_id: principal {} may not submit for sender {:?}",
                 principal.name, communication.sender_id
-            )))
+            ))))
         }
         _ => Ok(()),
     }
@@ -191,7 +192,7 @@ impl LedgerService for LedgerApi {
         let communication = request
             .into_inner()
             .communication
-            .ok_or_else(|| Status::invalid_argument("communication: must be set"))?;
+            .ok_or_else(|| to_status(Invalid::new("communication", "must be set")))?;
         check_sender_binding(principal.as_ref(), &communication, "communication")?;
         let question = question_of(&communication);
         let record = prepare_communication(
@@ -216,18 +217,7 @@ impl LedgerService for LedgerApi {
     ) -> Result<Response<AppendBatchResponse>, Status> {
         let principal = request.extensions().get::<Principal>().cloned();
         let communications = request.into_inner().communications;
-        if communications.is_empty() {
-            return Err(Status::invalid_argument(
-                "communications: must not be empty",
-            ));
-        }
-        if communications.len() > self.config.max_batch_records {
-            return Err(Status::invalid_argument(format!(
-                "communications: {} communications, more than the limit of {}",
-                communications.len(),
-                self.config.max_batch_records
-            )));
-        }
+        check_batch_size(communications.len(), self.config.max_batch_records).map_err(to_status)?;
         for (position, communication) in communications.iter().enumerate() {
             check_sender_binding(
                 principal.as_ref(),
@@ -236,19 +226,12 @@ impl LedgerService for LedgerApi {
             )?;
         }
         let questions: Vec<_> = communications.iter().map(question_of).collect();
-        let records = communications
-            .into_iter()
-            .enumerate()
-            .map(|(position, communication)| {
-                prepare_communication(
-                    communication,
-                    &format!("communications[{position}]"),
-                    &self.config.record_limits,
-                    Principal::name_of(principal.as_ref()),
-                )
-            })
-            .collect::<Result<Vec<_>, LedgerError>>()
-            .map_err(to_status)?;
+        let records = prepare_batch(
+            communications,
+            &self.config.record_limits,
+            Principal::name_of(principal.as_ref()),
+        )
+        .map_err(to_status)?;
         let count = records.len() as u64;
         let appended = counted(names::APPENDS, count, self.ledger.append(records).await)?;
         let assessments = self.assess_all(questions)?;

@@ -5,9 +5,43 @@ use prost::Name;
 use tonic::{Code, Status};
 
 use crate::ledger::LedgerError;
+use crate::records::Invalid;
 use crate::storage::StorageError;
 
-pub fn to_status(error: LedgerError) -> Status {
+/// Every error a handler can meet, by the layer it comes from; [`to_status`] is the one
+/// mapping of all of them to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A submitted value is not acceptable (records' validation), naming the field.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The ledger's answer (including what the compliance queries over it report).
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The principal may not do this with this value (e.g. a writer bound to other senders).
+    #[error("{0}")]
+    PermissionDenied(String),
+}
+
+impl From<StorageError> for ApiError {
+    fn from(error: StorageError) -> Self {
+        ApiError::Ledger(LedgerError::Storage(error))
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        to_status(error)
+    }
+}
+
+/// The one mapping from an error to the status a client sees.
+pub fn to_status(error: impl Into<ApiError>) -> Status {
+    let error = match error.into() {
+        ApiError::Invalid(invalid) => return Status::invalid_argument(invalid.to_string()),
+        ApiError::PermissionDenied(reason) => return Status::permission_denied(reason),
+        ApiError::Ledger(error) => error,
+    };
     match error {
         LedgerError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
         LedgerError::OutOfRange { .. } => Status::out_of_range(error.to_string()),

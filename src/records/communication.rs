@@ -4,9 +4,9 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::RecordLimits;
-use super::validate;
+use super::validate::{self, Invalid};
+use crate::ledger::NewRecord;
 use crate::ledger::time::Timestamp;
-use crate::ledger::{LedgerError, NewRecord};
 use crate::policy;
 use crate::proto::{Communication, CommunicationRecord, LeafRecord, Topic, leaf_record};
 
@@ -77,7 +77,7 @@ pub fn prepare_communication(
     field: &str,
     limits: &RecordLimits,
     submitted_by: &str,
-) -> Result<NewRecord, LedgerError> {
+) -> Result<NewRecord, Invalid> {
     let name = |sub| validate::Sub(field, sub);
     validate::required_id(
         name("message_id"),
@@ -96,10 +96,10 @@ pub fn prepare_communication(
     )?;
     match Topic::try_from(communication.topic) {
         Ok(Topic::Unspecified) => {
-            return Err(LedgerError::invalid(name("topic"), "must be set"));
+            return Err(Invalid::new(name("topic"), "must be set"));
         }
         Err(_) => {
-            return Err(LedgerError::invalid(
+            return Err(Invalid::new(
                 name("topic"),
                 format!("{} is not a known topic", communication.topic),
             ));
@@ -109,7 +109,7 @@ pub fn prepare_communication(
     validate::optional_id(name("channel"), &communication.channel, limits.max_id_bytes)?;
     let sent_at = communication
         .sent_at
-        .ok_or_else(|| LedgerError::invalid(name("sent_at"), "must be set"))?;
+        .ok_or_else(|| Invalid::new(name("sent_at"), "must be set"))?;
     validate::timestamp(name("sent_at"), &sent_at)?;
     validate::max_len(
         name("subject"),
@@ -122,7 +122,7 @@ pub fn prepare_communication(
         limits.max_body_bytes,
     )?;
     if communication.attributes.len() > limits.max_attributes {
-        return Err(LedgerError::invalid(
+        return Err(Invalid::new(
             name("attributes"),
             format!(
                 "has {} entries, more than the limit of {}",
@@ -149,12 +149,11 @@ pub fn prepare_communication(
         &communication.product_id,
         limits.max_id_bytes,
     )?;
-    if !communication.subscription_id.is_empty() && !communication.product_id.is_empty() {
-        return Err(LedgerError::invalid(
-            name("product_id"),
-            "a communication is about a CSP subscription or a non-CSP product, not both",
-        ));
-    }
+    validate::subscription_or_product(
+        name("product_id"),
+        &communication.subscription_id,
+        &communication.product_id,
+    )?;
 
     let idempotency_key = idempotency_key(&communication.sender_id, &communication.message_id);
 
@@ -185,6 +184,41 @@ pub fn prepare_communication(
         body: communication.body,
         field: field.to_owned(),
     })
+}
+
+/// An `AppendBatch` holds at least one communication and at most `max_records`.
+pub fn check_batch_size(count: usize, max_records: usize) -> Result<(), Invalid> {
+    if count == 0 {
+        return Err(Invalid::new("communications", "must not be empty"));
+    }
+    if count > max_records {
+        return Err(Invalid::new(
+            "communications",
+            format!("{count} communications, more than the limit of {max_records}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An `AppendBatch`'s communications, each prepared as [`prepare_communication`] does,
+/// named `communications[i]`.
+pub fn prepare_batch(
+    communications: Vec<Communication>,
+    limits: &RecordLimits,
+    submitted_by: &str,
+) -> Result<Vec<NewRecord>, Invalid> {
+    communications
+        .into_iter()
+        .enumerate()
+        .map(|(position, communication)| {
+            prepare_communication(
+                communication,
+                &format!("communications[{position}]"),
+                limits,
+                submitted_by,
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -309,10 +343,7 @@ mod tests {
             break_it(&mut communication);
             let error =
                 prepare_communication(communication, "communication", &limits, "").unwrap_err();
-            match error {
-                LedgerError::InvalidArgument { field: named, .. } => assert_eq!(named, field),
-                other => panic!("{field}: unexpected {other:?}"),
-            }
+            assert_eq!(error.field, field, "{error}");
         }
     }
 }

@@ -4,8 +4,9 @@ use prost::Message;
 
 use super::RecordLimits;
 use super::validate;
+use super::validate::Invalid;
+use crate::ledger::NewRecord;
 use crate::ledger::time::Timestamp;
-use crate::ledger::{LedgerError, NewRecord};
 use crate::policy;
 use crate::proto::{self, LeafRecord, PartyKind, TransferState, fact::Kind, leaf_record};
 
@@ -30,24 +31,24 @@ pub fn prepare_fact(
     field: &str,
     limits: &RecordLimits,
     submitted_by: &str,
-) -> Result<NewRecord, LedgerError> {
+) -> Result<NewRecord, Invalid> {
     let name = |sub| validate::Sub(field, sub);
     let max = limits.max_id_bytes;
     validate::required_id(name("fact_id"), &fact.fact_id, max)?;
     let effective_at = fact
         .effective_at
-        .ok_or_else(|| LedgerError::invalid(name("effective_at"), "must be set"))?;
+        .ok_or_else(|| Invalid::new(name("effective_at"), "must be set"))?;
     validate::timestamp(name("effective_at"), &effective_at)?;
     match &fact.kind {
-        None => return Err(LedgerError::invalid(name("kind"), "must be set")),
+        None => return Err(Invalid::new(name("kind"), "must be set")),
         Some(Kind::Party(party)) => {
             validate::required_id(name("party.party_id"), &party.party_id, max)?;
             match PartyKind::try_from(party.kind) {
                 Ok(PartyKind::Unspecified) => {
-                    return Err(LedgerError::invalid(name("party.kind"), "must be set"));
+                    return Err(Invalid::new(name("party.kind"), "must be set"));
                 }
                 Err(_) => {
-                    return Err(LedgerError::invalid(
+                    return Err(Invalid::new(
                         name("party.kind"),
                         format!("{} is not a known party kind", party.kind),
                     ));
@@ -83,17 +84,17 @@ pub fn prepare_fact(
             validate::required_id(sub("from_partner_id"), &transfer.from_partner_id, max)?;
             validate::required_id(sub("to_partner_id"), &transfer.to_partner_id, max)?;
             if transfer.from_partner_id == transfer.to_partner_id {
-                return Err(LedgerError::invalid(
+                return Err(Invalid::new(
                     sub("to_partner_id"),
                     "a transfer moves a subscription to another partner",
                 ));
             }
             match TransferState::try_from(transfer.state) {
                 Ok(TransferState::Unspecified) => {
-                    return Err(LedgerError::invalid(sub("state"), "must be set"));
+                    return Err(Invalid::new(sub("state"), "must be set"));
                 }
                 Err(_) => {
-                    return Err(LedgerError::invalid(
+                    return Err(Invalid::new(
                         sub("state"),
                         format!("{} is not a known transfer state", transfer.state),
                     ));
@@ -237,7 +238,7 @@ mod tests {
             let mut fact = party_fact();
             break_it(&mut fact);
             match prepare_fact(fact, "fact", &limits, "") {
-                Err(LedgerError::InvalidArgument { field: named, .. }) => assert_eq!(named, field),
+                Err(Invalid { field: named, .. }) => assert_eq!(named, field),
                 other => panic!("{field}: unexpected {other:?}"),
             }
         }

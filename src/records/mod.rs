@@ -9,8 +9,11 @@ pub mod communication;
 pub mod describe;
 pub mod fact;
 pub mod limits;
+pub mod question;
 pub mod validate;
 
 pub use communication::prepare_communication;
 pub use fact::prepare_fact;
 pub use limits::RecordLimits;
+pub use question::prepare_question;
+pub use validate::Invalid;

@@ -3,7 +3,23 @@
 
 use std::fmt::{self, Display};
 
-use crate::ledger::LedgerError;
+/// A submitted value that is not acceptable, naming the field as the client spelled it
+/// (e.g. `communications[2].sender_id`): the records layer's one error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 /// A field named under its parent, e.g. `communications[3]` and `sender_id`: formatted only
 /// when an error names it, so checking a valid record builds no strings (the names were 5 %
@@ -24,17 +40,17 @@ impl<P: Display> From<Sub<'_, P>> for String {
 }
 
 /// A required id: non-empty, at most `max_bytes`, no control characters.
-pub fn required_id(field: impl Display, value: &str, max_bytes: usize) -> Result<(), LedgerError> {
+pub fn required_id(field: impl Display, value: &str, max_bytes: usize) -> Result<(), Invalid> {
     if value.is_empty() {
-        return Err(LedgerError::invalid(field.to_string(), "must not be empty"));
+        return Err(Invalid::new(field.to_string(), "must not be empty"));
     }
     optional_id(field, value, max_bytes)
 }
 
 /// An optional id: empty, or at most `max_bytes` with no control characters.
-pub fn optional_id(field: impl Display, value: &str, max_bytes: usize) -> Result<(), LedgerError> {
+pub fn optional_id(field: impl Display, value: &str, max_bytes: usize) -> Result<(), Invalid> {
     if value.len() > max_bytes {
-        return Err(LedgerError::invalid(
+        return Err(Invalid::new(
             field.to_string(),
             format!(
                 "is {} bytes, more than the limit of {max_bytes}",
@@ -43,7 +59,7 @@ pub fn optional_id(field: impl Display, value: &str, max_bytes: usize) -> Result
         ));
     }
     if value.chars().any(char::is_control) {
-        return Err(LedgerError::invalid(
+        return Err(Invalid::new(
             field.to_string(),
             "must not contain control characters",
         ));
@@ -52,9 +68,9 @@ pub fn optional_id(field: impl Display, value: &str, max_bytes: usize) -> Result
 }
 
 /// A free-text field: at most `max_bytes`.
-pub fn max_len(field: impl Display, len: usize, max_bytes: usize) -> Result<(), LedgerError> {
+pub fn max_len(field: impl Display, len: usize, max_bytes: usize) -> Result<(), Invalid> {
     if len > max_bytes {
-        return Err(LedgerError::invalid(
+        return Err(Invalid::new(
             field.to_string(),
             format!("is {len} bytes, more than the limit of {max_bytes}"),
         ));
@@ -64,19 +80,49 @@ pub fn max_len(field: impl Display, len: usize, max_bytes: usize) -> Result<(), 
 
 /// A `google.protobuf.Timestamp` must lie in 0001-01-01..=9999-12-31 with
 /// `0 <= nanos < 1e9`, as the well-known type defines.
-pub fn timestamp(field: impl Display, value: &prost_types::Timestamp) -> Result<(), LedgerError> {
+pub fn timestamp(field: impl Display, value: &prost_types::Timestamp) -> Result<(), Invalid> {
     const MIN_SECONDS: i64 = -62_135_596_800;
     const MAX_SECONDS: i64 = 253_402_300_799;
     if !(MIN_SECONDS..=MAX_SECONDS).contains(&value.seconds) {
-        return Err(LedgerError::invalid(
+        return Err(Invalid::new(
             field.to_string(),
             "is outside 0001-01-01..9999-12-31",
         ));
     }
     if !(0..1_000_000_000).contains(&value.nanos) {
-        return Err(LedgerError::invalid(
-            field.to_string(),
-            "nanos must be in 0..1e9",
+        return Err(Invalid::new(field.to_string(), "nanos must be in 0..1e9"));
+    }
+    Ok(())
+}
+
+/// An optional `google.protobuf.Timestamp`, checked, as the ledger's business time.
+pub fn optional_time(
+    field: impl Display,
+    at: &Option<prost_types::Timestamp>,
+) -> Result<Option<crate::ledger::time::Timestamp>, Invalid> {
+    match at {
+        Some(at) => {
+            timestamp(field, at)?;
+            Ok(Some(crate::ledger::time::Timestamp {
+                seconds: at.seconds,
+                nanos: at.nanos,
+            }))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A communication (or a question, or a filter) is about a CSP subscription or a non-CSP
+/// product, not both; `product_field` names the product field the error points at.
+pub fn subscription_or_product(
+    product_field: impl Display,
+    subscription_id: &str,
+    product_id: &str,
+) -> Result<(), Invalid> {
+    if !subscription_id.is_empty() && !product_id.is_empty() {
+        return Err(Invalid::new(
+            product_field.to_string(),
+            "a communication is about a CSP subscription or a non-CSP product, not both",
         ));
     }
     Ok(())
