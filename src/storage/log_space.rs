@@ -5,12 +5,11 @@
 //! written one, and on ext4 that extent change is metadata the `fdatasync` must write too
 //! (`fsync_buffers_list` in a profile of the writer); a write past the end of the file
 //! changes its size, which is metadata as well. Into space already written and synced
-//! (zeros), the sync writes the data pages alone. Measured on this machine with 16 KiB
-//! frames (docs/BENCHMARKS.md, sixth pass): p50 0.25 ms per write + `fdatasync` inside
-//! `fallocate`d space, 0.15 ms inside zeroed space, 0.33 ms extending the file.
+//! (zeros), the sync writes the data pages alone (docs/BENCHMARKS.md gives what that is
+//! worth).
 //!
-//! The zeros are written by a thread of their own (started by the first frame: a store
-//! opened only to be read is never written), a chunk at a time, never where a frame
+//! The zeros are written by a background worker of their own (idle until the first frame:
+//! a store opened only to be read is never written), a chunk at a time, never where a frame
 //! was or is being written: both writes happen under one lock and zeros only ever go past
 //! the end of every frame written. A frame that gets ahead of the zeros is written all the
 //! same (its sync then also commits the file's growth), so this is only ever a speed-up,
@@ -20,7 +19,10 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::background::{Shared, Worker};
 
 /// Bytes of zeros written (and synced) per step: small enough that a frame write waiting
 /// for the lock waits for one page-cache copy of this size at most.
@@ -40,114 +42,93 @@ struct State {
     zeros_end: u64,
     /// End of the space known written and durable (zeros or what was there at start).
     durable_end: u64,
-    stop: bool,
-}
-
-struct Shared {
-    file: File,
-    state: Mutex<State>,
-    /// Signalled when space ahead is wanted (or on stop).
-    wanted: Condvar,
+    /// A frame was written: from then on space ahead is wanted.
+    writing: bool,
 }
 
 /// The log file's space ahead of its frames (see the module docs).
 pub struct LogSpace {
-    shared: Arc<Shared>,
-    /// Started by the first frame written: a store opened only to be read (`verify`, a
-    /// store refused at open) never has its file written. `None` inside when the thread
-    /// could not be started (frames then extend the file).
-    thread: OnceLock<Option<std::thread::JoinHandle<()>>>,
+    file: Arc<File>,
+    /// `None` when the worker could not be started (frames then extend the file).
+    worker: Option<Worker<State>>,
 }
 
 impl LogSpace {
-    /// The space ahead of the frames in `file` (a handle of the log's own: the thread
+    /// The space ahead of the frames in `file` (a handle of the log's own: the worker
     /// writes and syncs through it), kept zeroed once the first frame is written. Nothing
     /// the file holds now is written over: zeros go past its length.
     pub fn new(file: File) -> io::Result<Self> {
         let frames_end = file.metadata()?.len();
-        let shared = Arc::new(Shared {
-            file,
-            state: Mutex::new(State {
-                frames_end,
-                zeros_end: frames_end,
-                durable_end: frames_end,
-                stop: false,
-            }),
-            wanted: Condvar::new(),
-        });
-        Ok(LogSpace {
-            shared,
-            thread: OnceLock::new(),
-        })
-    }
-
-    fn start(&self) {
-        self.thread.get_or_init(|| {
-            let shared = self.shared.clone();
-            crate::background::spawn("log-space", move || zero_ahead(&shared))
+        let file = Arc::new(file);
+        let state = State {
+            frames_end,
+            zeros_end: frames_end,
+            durable_end: frames_end,
+            writing: false,
+        };
+        let worker = {
+            let file = file.clone();
+            Worker::spawn("log-space", state, move |shared| zero_ahead(&file, shared))
                 .inspect_err(|error| {
                     tracing::warn!(%error, "cannot start zeroing log space ahead; frames extend the file");
                 })
                 .ok()
-        });
+        };
+        Ok(LogSpace { file, worker })
     }
 
     /// Writes a frame at `at` (the end of the log's frames, or where a failed write of the
     /// same frame began). The caller syncs.
     pub fn write_frame(&self, frame: &[u8], at: u64) -> io::Result<()> {
-        self.start();
-        let mut state = self.shared.state.lock().expect("space lock");
+        let Some(worker) = &self.worker else {
+            return self.file.write_all_at(frame, at);
+        };
+        let shared = worker.shared();
+        let mut state = shared.lock();
+        state.writing = true;
         // Counted before the write: a write that fails half-way leaves bytes the retry
         // overwrites, and zeros must not go there meanwhile either.
         let end = at + frame.len() as u64;
         state.frames_end = state.frames_end.max(end);
-        let result = self.shared.file.write_all_at(frame, at);
+        let result = self.file.write_all_at(frame, at);
         if state.zeros_end < state.frames_end + space_ahead(state.frames_end) / 2 {
-            self.shared.wanted.notify_one();
+            shared.notify();
         }
         result
     }
 
     /// Bytes past `log_end` that are zeroed and durable: the log's own to write into.
     pub fn ahead_of(&self, log_end: u64) -> u64 {
-        let state = self.shared.state.lock().expect("space lock");
-        state.durable_end.saturating_sub(log_end)
+        self.worker.as_ref().map_or(0, |worker| {
+            worker.shared().lock().durable_end.saturating_sub(log_end)
+        })
     }
 
     /// Waits (for tests) until the space ahead of the frames is zeroed and durable.
     #[cfg(test)]
     pub fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let shared = self.worker.as_ref().expect("the worker runs").shared();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             assert!(
                 std::time::Instant::now() < deadline,
                 "space ahead not zeroed in 30 s"
             );
             {
-                let state = self.shared.state.lock().expect("space lock");
+                let state = shared.lock();
                 if state.durable_end >= state.frames_end + space_ahead(state.frames_end) {
                     return;
                 }
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
 
-impl Drop for LogSpace {
-    fn drop(&mut self) {
-        self.shared.state.lock().expect("space lock").stop = true;
-        self.shared.wanted.notify_all();
-        if let Some(Some(thread)) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The zeroing thread: a chunk at a time, until stopped. A failed write (the disk full)
-/// is tried again a second later, and told once per spell of failures; the frames do not
+/// The zeroing work: a chunk at a time, until stopped. A failed write (the disk full) is
+/// tried again a second later, and told once per spell of failures; the frames do not
 /// depend on it.
-fn zero_ahead(shared: &Shared) {
+fn zero_ahead(file: &File, shared: &Shared<State>) {
     let zeros = vec![0u8; CHUNK];
     let mut backoff = false;
     let mut failing = false;
@@ -158,27 +139,22 @@ fn zero_ahead(shared: &Shared) {
     };
     loop {
         let end = {
-            let mut state = shared.state.lock().expect("space lock");
+            let mut state = shared.lock();
             loop {
-                if state.stop {
+                if shared.stopping() {
                     return;
                 }
                 let goal = state.frames_end + space_ahead(state.frames_end);
-                if state.zeros_end < goal && !backoff {
+                if state.writing && state.zeros_end < goal && !backoff {
                     break;
                 }
-                let wait = std::time::Duration::from_secs(1);
-                state = shared
-                    .wanted
-                    .wait_timeout(state, wait)
-                    .expect("space lock")
-                    .0;
+                state = shared.wait_timeout(state, Duration::from_secs(1));
                 backoff = false;
             }
             // Under the lock frames are written with (a copy outside it would gain nothing:
             // the kernel serialises buffered writes to one file on the inode's lock).
             let at = state.zeros_end.max(state.frames_end);
-            if let Err(error) = shared.file.write_all_at(&zeros, at) {
+            if let Err(error) = file.write_all_at(&zeros, at) {
                 failed(error, &mut failing);
                 backoff = true;
                 continue;
@@ -186,9 +162,9 @@ fn zero_ahead(shared: &Shared) {
             state.zeros_end = at + CHUNK as u64;
             state.zeros_end
         };
-        match shared.file.sync_data() {
+        match file.sync_data() {
             Ok(()) => {
-                let mut state = shared.state.lock().expect("space lock");
+                let mut state = shared.lock();
                 state.durable_end = state.durable_end.max(end);
                 failing = false;
             }
