@@ -481,15 +481,21 @@ mod tests {
         .unwrap();
     }
 
-    #[test]
-    fn a_listing_ends_at_the_size_its_first_page_saw() {
+    /// A trail of five reads in a temporary directory (kept alive by the first value), and
+    /// the page tokens to list it with.
+    fn trail_of_five_reads() -> (tempfile::TempDir, AccessLog, PageTokens) {
         let dir = tempfile::tempdir().unwrap();
         let log =
             AccessLog::open(AccessFile::open(&dir.path().join(ACCESS_FILE)).unwrap()).unwrap();
-        let tokens = PageTokens::new(b"secret");
         for n in 0..5 {
             read(&log, n);
         }
+        (dir, log, PageTokens::new(b"secret"))
+    }
+
+    #[test]
+    fn a_listing_ends_at_the_size_its_first_page_saw() {
+        let (_dir, log, tokens) = trail_of_five_reads();
         let mut seen = Vec::new();
         let mut token = String::new();
         for _ in 0..10 {
@@ -535,13 +541,7 @@ mod tests {
     /// `trail_size`, though every call is recorded; without it, it would never end.
     #[test]
     fn paging_by_index_ends_at_the_pinned_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let log =
-            AccessLog::open(AccessFile::open(&dir.path().join(ACCESS_FILE)).unwrap()).unwrap();
-        let tokens = PageTokens::new(b"secret");
-        for n in 0..5 {
-            read(&log, n);
-        }
+        let (_dir, log, tokens) = trail_of_five_reads();
         let mut listing = from(0);
         let mut seen = Vec::new();
         for _ in 0..10 {
