@@ -135,6 +135,9 @@ pub struct Ledger {
     /// Set when a read found a stored entry damaged: from then on writes are refused and
     /// health says so, until an operator has run `verify` and restarted.
     damage: Arc<std::sync::OnceLock<String>>,
+    /// Set when the writer thread failed (a panic): writes are refused for good and health
+    /// says so, until a restart.
+    writer_failure: Arc<std::sync::OnceLock<String>>,
     body_check: Option<BodyCheck>,
     /// Checks the checkpoints read back from the store before they are served.
     verifier: Arc<CheckpointVerifier>,
@@ -170,6 +173,7 @@ impl Ledger {
         let body_check = options.body_check;
         let (tell_writes, writes) = watch::channel(WriteState::Accepting);
         let verifier = Arc::new(signer.verifier());
+        let writer_failure = Arc::new(std::sync::OnceLock::new());
         let handle = writer::spawn(
             store.clone(),
             signer,
@@ -180,6 +184,7 @@ impl Ledger {
             indexer,
             trail,
             tell_writes,
+            writer_failure.clone(),
         )?;
         Ok(Ledger {
             store,
@@ -188,6 +193,7 @@ impl Ledger {
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
             refusal: None,
             damage: Arc::default(),
+            writer_failure,
             body_check,
             verifier,
             writes,
@@ -232,6 +238,7 @@ impl Ledger {
             writer: Arc::new(std::sync::Mutex::new(None)),
             refusal: Some(Arc::from(reason.as_str())),
             damage: Arc::default(),
+            writer_failure: Arc::default(),
             body_check: None,
             verifier: Arc::new(verifier),
             writes,
@@ -244,6 +251,7 @@ impl Ledger {
         self.refusal
             .as_deref()
             .or_else(|| self.damage.get().map(String::as_str))
+            .or_else(|| self.writer_failure.get().map(String::as_str))
     }
 
     /// Whether writes are accepted, as the writer last found; changes are seen with
@@ -256,7 +264,7 @@ impl Ledger {
     /// Whether writes are accepted now: refused for good once a read found a damaged
     /// entry, otherwise as the writer last found.
     pub fn write_state(&self) -> WriteState {
-        match self.damage.get() {
+        match self.damage.get().or_else(|| self.writer_failure.get()) {
             Some(reason) => WriteState::Refused(reason.clone()),
             None => self.writes.borrow().clone(),
         }
@@ -289,10 +297,21 @@ impl Ledger {
         self.requests
             .send(writer::Command::Append { records, reply })
             .await
-            .map_err(|_| LedgerError::Unavailable("the ledger is shutting down".into()))?;
-        response
-            .await
-            .map_err(|_| LedgerError::Unavailable("the ledger is shutting down".into()))?
+            .map_err(|_| self.writer_gone())?;
+        response.await.map_err(|_| self.writer_gone())?
+    }
+
+    /// Why the writer no longer answers: it failed, or the ledger is shutting down.
+    fn writer_gone(&self) -> LedgerError {
+        match self.writer_failure.get() {
+            Some(reason) => LedgerError::WritesRefused(reason.clone()),
+            // Also what the call that met a failing writer sees first (the failure is
+            // recorded as the writer unwinds, just after its reply was dropped).
+            None => LedgerError::Unavailable(
+                "the ledger's writer stopped: it is shutting down, or failed (see the server log)"
+                    .into(),
+            ),
+        }
     }
 
     /// Appends one record (see [`Ledger::append`]).

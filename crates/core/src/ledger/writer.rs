@@ -151,6 +151,7 @@ pub(super) fn spawn(
     indexer: Option<Box<dyn Indexer>>,
     trail: Option<Arc<dyn TrailHead>>,
     writes: watch::Sender<WriteState>,
+    failure: Arc<std::sync::OnceLock<String>>,
 ) -> Result<std::thread::JoinHandle<()>, LedgerError> {
     let writer = Writer {
         store,
@@ -166,7 +167,24 @@ pub(super) fn spawn(
     };
     std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || writer.run(queue))
+        .spawn(move || {
+            let mut writer = writer;
+            // A panic here must not leave the ledger looking healthy with no one to write:
+            // it is kept as the reason every later write is refused, and told to health
+            // before the writer's state channel closes.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(queue)));
+            if let Err(panic) = run {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                tracing::error!(panic = %what, "the ledger's writer failed: writes are refused");
+                let reason = format!("the ledger's writer failed ({what})");
+                let _ = failure.set(reason.clone());
+                writer.writes.send_replace(WriteState::Refused(reason));
+            }
+        })
         .map_err(|error| LedgerError::Unavailable(format!("cannot start the writer: {error}")))
 }
 
@@ -191,7 +209,7 @@ struct Writer {
 type Reply = oneshot::Sender<Result<Vec<Appended>, LedgerError>>;
 
 impl Writer {
-    fn run(mut self, mut queue: mpsc::Receiver<Command>) {
+    fn run(&mut self, mut queue: mpsc::Receiver<Command>) {
         while let Some(command) = queue.blocking_recv() {
             let mut group: Vec<(Vec<NewRecord>, Reply)> = Vec::new();
             let mut records = 0usize;
