@@ -1,5 +1,6 @@
-//! Every limit and default of the service, in one place. `main` fills [`ServerConfig`]
-//! from flags (each with an `AUDIT_LEDGER_…` environment fall-back).
+//! Every limit and default of the service, in one place: [`ServerConfig::default`] is the
+//! only source of the server's defaults. The binary's flags (each with an `AUDIT_LEDGER_…`
+//! environment fall-back) take their defaults from it and override its fields.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -111,6 +112,14 @@ pub const DEFAULT_ORIGIN: &str = "localhost/audit-ledger";
 /// with no write since (`Ledger::anchor_trail`): with the access log's flush interval
 /// (`access_log::FLUSH_INTERVAL`), how long a read may stay unanchored.
 pub const ACCESS_ANCHOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Default for ServerConfig {
+    /// What `audit-ledger serve` runs with when nothing is set: a ledger in
+    /// `./ledger-data`, on loopback port 50051.
+    fn default() -> Self {
+        ServerConfig::new("./ledger-data", SocketAddr::from(([127, 0, 0, 1], 50051)))
+    }
+}
 
 impl ServerConfig {
     /// Defaults for a ledger in `data_dir` listening on `listen`.
