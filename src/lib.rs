@@ -16,7 +16,6 @@
 pub mod access_log;
 pub mod auth;
 pub mod background;
-pub mod bench;
 pub mod client;
 pub mod compliance;
 pub mod config;
