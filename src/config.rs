@@ -1,5 +1,6 @@
-//! Every limit and default of the service, in one place. `main` fills [`ServerConfig`]
-//! from flags (each with an `AUDIT_LEDGER_…` environment fall-back).
+//! Every limit and default of the service, in one place: [`ServerConfig::default`] is the
+//! only source of the server's defaults. The binary's flags (each with an `AUDIT_LEDGER_…`
+//! environment fall-back) take their defaults from it and override its fields.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,6 +89,14 @@ pub const DEFAULT_ORIGIN: &str = "localhost/audit-ledger";
 /// (`access_log::FLUSH_INTERVAL`), how long a read may stay unanchored.
 pub const ACCESS_ANCHOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+impl Default for ServerConfig {
+    /// What `audit-ledger serve` runs with when nothing is set: a ledger in
+    /// `./ledger-data`, on loopback port 50051.
+    fn default() -> Self {
+        ServerConfig::new("./ledger-data", SocketAddr::from(([127, 0, 0, 1], 50051)))
+    }
+}
+
 impl ServerConfig {
     /// Defaults for a ledger in `data_dir` listening on `listen`.
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
@@ -100,10 +109,11 @@ impl ServerConfig {
             max_batch_records: 10_000,
             max_message_bytes: 64 * 1024 * 1024,
             max_list_entries: 10_000,
-            max_group_records: 8192,
+            // The ledger core's own options keep their defaults there.
+            max_group_records: crate::ledger::LedgerOptions::default().max_group_records,
             cache_bytes: 256 * 1024 * 1024,
             storage: crate::storage::StorageKind::default(),
-            min_free_bytes: 64 * 1024 * 1024,
+            min_free_bytes: crate::ledger::LedgerOptions::default().min_free_bytes,
             access_log_reserve_bytes: 4 * 1024 * 1024,
             shutdown_grace: std::time::Duration::from_secs(10),
             query_limits: crate::compliance::QueryLimits::default(),

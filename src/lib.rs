@@ -23,7 +23,6 @@
 
 pub mod access_log;
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod compliance;
 pub mod config;

@@ -438,6 +438,9 @@ fn serving_status(writes: &WriteState) -> tonic_health::ServingStatus {
     }
 }
 
+/// The sled page cache of the offline tools (`reindex`, `verify`) on a stopped ledger.
+pub const OFFLINE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Rebuilds the derived indexes of a stopped ledger from its entries alone, and returns
 /// the number of entries indexed. The ledger's tail is checked against its signed
 /// checkpoint first, as at every start.
@@ -446,7 +449,7 @@ pub async fn reindex(data_dir: &Path, signing_key: Option<&Path>) -> Result<u64,
     let opened = open_store(
         &data_dir.join(STORE_DIR_NAME),
         StorageKind::default(),
-        64 * 1024 * 1024,
+        OFFLINE_CACHE_BYTES,
     )?;
     opened.index.clear()?;
     opened.facts.clear()?;

@@ -4,7 +4,7 @@
 use std::io::BufRead;
 use std::path::Path;
 
-use super::output::{Cell, Format, Printer};
+use super::output::{Cell, Format, Printer, Progress};
 use super::{Connection, call_error, input};
 use crate::proto::{
     self, AppendBatchRequest, CheckSenderRequest, Entry, ListCommunicationsRequest,
@@ -12,14 +12,25 @@ use crate::proto::{
 };
 use crate::records::describe::{time_text, topic_name, verdict_name};
 
-/// The question `check` asks.
+/// The question `check` asks (its flags).
+#[derive(clap::Args)]
 pub struct CheckQuestion {
+    #[arg(long)]
     pub sender: String,
+    #[arg(long)]
     pub customer: String,
+    /// commercial, support, operational, transition or general.
+    #[arg(long)]
     pub topic: String,
+    #[arg(long)]
     pub subscription: Option<String>,
+    #[arg(long)]
     pub product: Option<String>,
+    /// The instant asked about (RFC 3339) [default: now].
+    #[arg(long)]
     pub at: Option<String>,
+    /// Judge on what the ledger held at this size (0: everything).
+    #[arg(long, default_value_t = 0)]
     pub as_of_tree_size: u64,
 }
 
@@ -287,15 +298,6 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<(usize, String)>> {
     Ok(lines)
 }
 
-fn progress_bar(total: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} ({per_sec}, eta {eta})")
-            .expect("valid template"),
-    );
-    bar
-}
-
 /// Appends every communication of a JSON-lines file, in batches. Every line is parsed
 /// before anything is sent, so a bad line appends nothing. Retrying the same file is safe:
 /// what is already in the ledger comes back as a duplicate.
@@ -312,7 +314,7 @@ pub async fn append_file(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut clients = connection.clients().await?;
-    let bar = progress_bar(communications.len());
+    let progress = Progress::new(Some(communications.len() as u64), "communications");
     let mut summary = LoadSummary::default();
     for chunk in communications.chunks(batch.max(1)) {
         let results = clients
@@ -344,9 +346,9 @@ pub async fn append_file(
                 _ => {}
             }
         }
-        bar.inc(chunk.len() as u64);
+        progress.inc(chunk.len() as u64);
     }
-    bar.finish_and_clear();
+    progress.finish();
     Ok(summary)
 }
 
@@ -361,7 +363,7 @@ pub async fn fact_file(connection: &Connection, path: &Path) -> anyhow::Result<L
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut clients = connection.clients().await?;
-    let bar = progress_bar(facts.len());
+    let progress = Progress::new(Some(facts.len() as u64), "facts");
     let mut summary = LoadSummary::default();
     for (number, fact) in facts {
         let recorded = clients
@@ -377,8 +379,8 @@ pub async fn fact_file(connection: &Connection, path: &Path) -> anyhow::Result<L
         } else {
             summary.appended += 1;
         }
-        bar.inc(1);
+        progress.inc(1);
     }
-    bar.finish_and_clear();
+    progress.finish();
     Ok(summary)
 }

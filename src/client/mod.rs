@@ -91,7 +91,8 @@ impl Connection {
     pub async fn clients(&self) -> anyhow::Result<Clients> {
         let channel = self.channel().await?;
         let bearer = Bearer::new(self.token.as_deref())?;
-        let limit = 64 * 1024 * 1024;
+        // As large a message as a server with the default settings takes (a whole batch).
+        let limit = crate::config::ServerConfig::default().max_message_bytes;
         Ok(Clients {
             ledger: LedgerServiceClient::with_interceptor(channel.clone(), bearer.clone())
                 .max_decoding_message_size(limit)

@@ -1,5 +1,5 @@
 //! Printing results for people (`table`) and programs (`json`: one object per line;
-//! `csv`: a header, then one row per result).
+//! `csv`: a header, then one row per result), and the progress of long commands.
 
 use std::io::Write;
 
@@ -138,6 +138,64 @@ impl<W: Write> Printer<W> {
             writeln!(self.out, "{}", self.columns.join(","))?;
         }
         self.out.flush()
+    }
+}
+
+/// The progress of a long command on stderr, drawn only when stderr is a terminal (so what
+/// programs read on stdout and stderr is unchanged): a bar of `done/total unit` with rate
+/// and time left, or a spinner while the total is not known yet.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    unit: &'static str,
+}
+
+impl Progress {
+    /// `unit` names what is counted ("entries", "facts").
+    pub fn new(total: Option<u64>, unit: &'static str) -> Self {
+        let progress = Progress {
+            bar: indicatif::ProgressBar::new_spinner(),
+            unit,
+        };
+        progress
+            .bar
+            .set_style(progress.style("{spinner} {pos}", "({per_sec})"));
+        if let Some(total) = total {
+            progress.set_total(total);
+        }
+        progress
+    }
+
+    /// `done` of `total`; a spinner becomes a bar when the total is first known.
+    pub fn set(&self, done: u64, total: Option<u64>) {
+        if let Some(total) = total
+            && self.bar.length() != Some(total)
+        {
+            self.set_total(total);
+        }
+        self.bar.set_position(done);
+    }
+
+    /// `count` more done.
+    pub fn inc(&self, count: u64) {
+        self.bar.inc(count);
+    }
+
+    /// Clears the bar, before the command prints its report.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    fn set_total(&self, total: u64) {
+        if self.bar.length().is_none() {
+            self.bar
+                .set_style(self.style("{bar:40} {pos}/{len}", "({per_sec}, eta {eta})"));
+        }
+        self.bar.set_length(total);
+    }
+
+    fn style(&self, count: &str, rate: &str) -> indicatif::ProgressStyle {
+        indicatif::ProgressStyle::with_template(&format!("{count} {} {rate}", self.unit))
+            .expect("a valid template")
     }
 }
 

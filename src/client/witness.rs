@@ -79,13 +79,15 @@ async fn check_every_entry(
     let mut frontier =
         Frontier::at(0, &MemoryNodes::default()).expect("the empty tree needs no nodes");
     let mut previous = GENESIS_LINK;
+    // Pages no larger than a server with the default settings streams whole.
+    let page = crate::config::ServerConfig::default().max_list_entries;
     while frontier.size() < latest.size {
         let start = frontier.size();
         let mut stream = clients
             .ledger
             .list_entries(ListEntriesRequest {
                 start_index: start,
-                limit: (latest.size - start).min(10_000),
+                limit: (latest.size - start).min(page),
             })
             .await
             .map_err(|status| call_error("ListEntries", status))?

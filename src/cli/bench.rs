@@ -1,20 +1,167 @@
 //! `audit-ledger bench`: load a running server over real gRPC and report throughput and
 //! latency percentiles per scenario, beside the `noop` ceiling of the RPC stack (the health
-//! check) measured the same way on the same machine.
+//! check) measured the same way on the same machine. Part of the binary: it drives the
+//! service from outside, through the library's public items only.
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
 
 use tonic::transport::Channel;
 
-use crate::client::{Authed, Bearer};
+use audit_ledger::client::output::Progress;
+use audit_ledger::client::{Authed, Bearer};
+use audit_ledger::config::ServerConfig;
 
-use crate::proto::compliance_service_client::ComplianceServiceClient;
-use crate::proto::ledger_service_client::LedgerServiceClient;
-use crate::proto::{
+use audit_ledger::proto::compliance_service_client::ComplianceServiceClient;
+use audit_ledger::proto::ledger_service_client::LedgerServiceClient;
+use audit_ledger::proto::{
     AppendBatchRequest, AppendRequest, CheckSenderRequest, Communication, Fact,
     GetCheckpointRequest, GetConsistencyProofRequest, GetInclusionProofRequest, Party, PartyKind,
     RecordFactRequest, ResellerRelationship, Subscription, Topic, fact::Kind,
 };
+
+/// `audit-ledger bench`'s flags.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The server to load.
+    #[arg(long, default_value_t = super::client::default_server())]
+    server: String,
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// gRPC connections the requests share.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Communications per AppendBatch (batch scenario, and --populate).
+    #[arg(long, default_value_t = super::client::DEFAULT_BATCH)]
+    batch: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    /// Instead of measuring, fill the ledger with N communications (N facts with
+    /// --scenario check, which needs a registrar's or an admin's token) through batches,
+    /// and exit.
+    #[arg(long)]
+    populate: Option<u64>,
+    /// Bearer token.
+    #[arg(long, env = "AUDIT_LEDGER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data dir of a stopped ledger (verify scenario).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// Run N rounds of noop then the scenario, each --duration long, and report the
+    /// scenario's share of noop per round (the JSON line: the median round).
+    #[arg(long, value_name = "ROUNDS")]
+    versus_noop: Option<usize>,
+}
+
+/// `audit-ledger bench`: the verify scenario offline, `--populate`, `--versus-noop` rounds,
+/// or one scenario; a line for people, and with `--json` one JSON object last.
+pub fn command(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.scenario == Scenario::Verify {
+        let data_dir = args
+            .data_dir
+            .context("the verify scenario needs --data-dir of a stopped ledger")?;
+        let (entries, elapsed) = verify_throughput(&data_dir)?;
+        let seconds = elapsed.as_secs_f64();
+        let rate = entries as f64 / seconds;
+        println!("verify: {entries} entries in {seconds:.2}s, {rate:.0} entries/s");
+        if args.json {
+            let ms = rounded(seconds * 1000.0, 3);
+            let line = json!({
+                "scenario": "verify",
+                "ops_per_sec": rounded(1.0 / seconds, 3),
+                "entries_per_sec": rounded(rate, 1),
+                "p50_ms": ms,
+                "p99_ms": ms,
+                "p999_ms": ms,
+            });
+            println!("{line}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    if let Some(count) = args.populate {
+        let what = if args.scenario == Scenario::Check {
+            "facts"
+        } else {
+            "communications"
+        };
+        let progress = Progress::new(Some(count), what);
+        let started = Instant::now();
+        let written = runtime.block_on(populate(
+            &args.server,
+            &args.token,
+            args.scenario,
+            count,
+            args.batch,
+            |done| progress.set(done, Some(count)),
+        ));
+        progress.finish();
+        let written = written?;
+        let elapsed = started.elapsed().as_secs_f64();
+        println!(
+            "populated {written} {what} in {elapsed:.1}s ({:.0}/s)",
+            written as f64 / elapsed
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = BenchOptions {
+        server: args.server,
+        scenario: args.scenario,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        duration: Duration::from_secs(args.duration.max(1)),
+        batch: args.batch,
+        token: args.token,
+    };
+    if let Some(rounds) = args.versus_noop {
+        let rounds = runtime.block_on(run_paired(&options, rounds))?;
+        for (n, round) in rounds.iter().enumerate() {
+            println!(
+                "round {}: noop {:.0} calls/s, {} {:.0} ops/s ({:.0} entries/s, p99 {:.3} ms) = {:.1} % of noop",
+                n + 1,
+                round.noop.ops_per_sec(),
+                scenario_name(round.scenario.scenario),
+                round.scenario.ops_per_sec(),
+                round.scenario.entries_per_sec(),
+                round.scenario.p99.as_secs_f64() * 1000.0,
+                round.ratio() * 100.0
+            );
+        }
+        if args.json {
+            println!("{}", paired_json(&rounds));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = runtime.block_on(run(&options))?;
+    println!(
+        "{}: {} ops in {:.1}s: {:.0} ops/s, {:.0} entries/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} in flight over {} connections)",
+        scenario_name(report.scenario),
+        report.operations,
+        report.elapsed.as_secs_f64(),
+        report.ops_per_sec(),
+        report.entries_per_sec(),
+        report.p50.as_secs_f64() * 1000.0,
+        report.p99.as_secs_f64() * 1000.0,
+        report.p999.as_secs_f64() * 1000.0,
+        options.concurrency,
+        options.connections
+    );
+    if args.json {
+        println!("{}", report.json());
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -66,17 +213,16 @@ impl BenchReport {
     }
 
     /// The one-line JSON object the `--json` mode prints last.
-    pub fn json(&self) -> String {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        format!(
-            "{{\"scenario\":\"{}\",\"ops_per_sec\":{:.1},\"entries_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3}}}",
-            scenario_name(self.scenario),
-            self.ops_per_sec(),
-            self.entries_per_sec(),
-            ms(self.p50),
-            ms(self.p99),
-            ms(self.p999)
-        )
+    pub fn json(&self) -> serde_json::Value {
+        let ms = |d: Duration| rounded(d.as_secs_f64() * 1000.0, 3);
+        json!({
+            "scenario": scenario_name(self.scenario),
+            "ops_per_sec": rounded(self.ops_per_sec(), 1),
+            "entries_per_sec": rounded(self.entries_per_sec(), 1),
+            "p50_ms": ms(self.p50),
+            "p99_ms": ms(self.p99),
+            "p999_ms": ms(self.p999),
+        })
     }
 }
 
@@ -118,22 +264,24 @@ pub async fn run_paired(options: &BenchOptions, rounds: usize) -> anyhow::Result
 
 /// The `--json` line of paired rounds: the round with the median ratio (its scenario's
 /// numbers, its noop's calls per second, the ratio), and every round's ratio.
-pub fn paired_json(rounds: &[PairedRound]) -> String {
+pub fn paired_json(rounds: &[PairedRound]) -> serde_json::Value {
     let mut order: Vec<&PairedRound> = rounds.iter().collect();
     order.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
     let median = order[order.len() / 2];
-    let ratios: Vec<String> = rounds
+    let mut json = median.scenario.json();
+    json["noop_ops_per_sec"] = rounded(median.noop.ops_per_sec(), 1).into();
+    json["ratio_to_noop"] = rounded(median.ratio(), 4).into();
+    json["ratios"] = rounds
         .iter()
-        .map(|round| format!("{:.4}", round.ratio()))
+        .map(|round| rounded(round.ratio(), 4))
         .collect();
-    let json = median.scenario.json();
-    format!(
-        "{},\"noop_ops_per_sec\":{:.1},\"ratio_to_noop\":{:.4},\"ratios\":[{}]}}",
-        json.strip_suffix('}').expect("an object"),
-        median.noop.ops_per_sec(),
-        median.ratio(),
-        ratios.join(",")
-    )
+    json
+}
+
+/// `value` to `places` decimals, as the JSON lines print it.
+fn rounded(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
 }
 
 pub fn scenario_name(scenario: Scenario) -> &'static str {
@@ -520,14 +668,16 @@ async fn populate_facts(
 
 /// Offline `verify` throughput over a stopped ledger, in entries per second.
 pub fn verify_throughput(data_dir: &std::path::Path) -> anyhow::Result<(u64, Duration)> {
-    let signer = crate::keys::load(&crate::keys::key_path(data_dir, None))?;
-    let opened = crate::storage::open_store(
-        &data_dir.join(crate::server::STORE_DIR_NAME),
-        crate::storage::StorageKind::default(),
-        256 * 1024 * 1024,
+    let signer = audit_ledger::keys::load(&audit_ledger::keys::key_path(data_dir, None))?;
+    let defaults = ServerConfig::default();
+    let opened = audit_ledger::storage::open_store(
+        &data_dir.join(audit_ledger::server::STORE_DIR_NAME),
+        defaults.storage,
+        defaults.cache_bytes,
     )?;
     let started = Instant::now();
-    let report = crate::verify::verify_store(opened.store.as_ref(), &signer.verifier(), |_, _| {})
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let report =
+        audit_ledger::verify::verify_store(opened.store.as_ref(), &signer.verifier(), |_, _| {})
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
     Ok((report.tree_size, started.elapsed()))
 }
