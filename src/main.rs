@@ -7,11 +7,10 @@ use std::process::ExitCode;
 
 use cli::{Command, client, offline, serve};
 
-/// sled allocates and frees a node copy on every insert and read; mimalloc measured faster
-/// than the system allocator for it (docs/BENCHMARKS.md). Built with `no_thp`: mimalloc
-/// otherwise asks for transparent huge pages on its arenas, and every 2 MiB page touched
-/// then counts whole — 50 MiB of resident memory at start and 80–100 MiB more at the peak
-/// under load, for no measured gain in throughput (eighth pass).
+/// The server allocates and frees many small buffers per request and per stored key;
+/// mimalloc is faster than the system allocator for that (docs/BENCHMARKS.md). Built with
+/// `no_thp`: mimalloc otherwise asks for transparent huge pages on its arenas, and every
+/// 2 MiB page touched then counts whole in resident memory, for no gain in throughput.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -2,10 +2,10 @@
 //! appended one after another to `access.log`, each framed and checksummed, with space
 //! allocated ahead of them.
 //!
-//! Why a file of its own, not sled: sled, which held the access log, stops writing for good
-//! once it meets ENOSPC (its first I/O error becomes the answer to every later write until
-//! the process restarts), so a disk filled by another process refused every recorded read
-//! until a restart (issue 16). An append-only file recovers by itself: a write that failed
+//! Why a file of its own, not sled: sled stops writing for good once it meets ENOSPC (its
+//! first I/O error becomes the answer to every later write on that database), so a disk
+//! filled by another process would refuse every recorded read until sled is opened again.
+//! An append-only file recovers by itself: a write that failed
 //! is simply written again at the same place once there is room. And the space allocated
 //! ahead of the records ([`AccessFile::reserve`]) is the file's own: no other process can
 //! take it, so reads go on being recorded (and served) while the rest of the disk is full.

@@ -1,15 +1,13 @@
 //! The log [`Store`]: every group commit is one frame appended to an append-only file,
 //! `ledger.log`, made durable by one `fdatasync`. Everything else is derived from the log
 //! and written without waiting for the disk: the idempotency keys and checkpoints by size,
-//! and the compliance indexes, are [`RunIndex`]es (sorted run files), which take a key for
-//! the price of a `BTreeMap` insert where sled took a page-cache walk and a node copy (and,
-//! per group commit, woke sled's I/O threads: 18 % of the CPU under unary load). sled keeps
-//! the layout version (and, in `derived/`, what the access log was before `access.log`).
+//! and the compliance indexes, are [`RunIndex`]es (sorted run files), where a key costs a
+//! `BTreeMap` insert. sled keeps the layout version (and, in `derived/`, what the access
+//! log was before `access.log`).
 //!
-//! Why: a sled flush costs 1–2 ms and sled's own ceiling on this machine is 31,600 entries/s
-//! for the all-in-sled layout (docs/BENCHMARKS.md); one sequential write and one
-//! `fdatasync` per group is what the disk can do. With five derived keys per entry in
-//! sled, sled's inserts were then the ceiling again (third pass); hence the run indexes.
+//! Why: one sequential write and one `fdatasync` per group is what the disk can do, and
+//! the derived keys (five per entry) must cost less than the write they follow
+//! (docs/BENCHMARKS.md has the figures).
 //!
 //! # Files
 //! - `ledger.log`: frames, back to back. A frame holds everything a [`CommitBatch`] holds:

@@ -505,8 +505,7 @@ impl Writer {
         let store = self.store.as_ref();
         let mut frontier = self.state.frontier.clone();
         let mut batch = CommitBatch::default();
-        // Sized up front: growing them rehashed every key a few times per group (6 % of the
-        // writer under batch load).
+        // Sized up front: growing them would rehash every key a few times per group.
         let group_records: usize = group.iter().map(|(records, _)| records.len()).sum();
         let mut claimed: HashMap<Vec<u8>, IdempotencyRecord> =
             HashMap::with_capacity(group_records);
