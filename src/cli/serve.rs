@@ -323,6 +323,38 @@ mod tests {
     /// one process.
     static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// The environment without any `AUDIT_LEDGER_*` variable (the test suite itself may
+    /// run with some, e.g. `AUDIT_LEDGER_STORAGE=sled`), for as long as this is held; the
+    /// variables come back when it is dropped.
+    struct CleanEnvironment {
+        saved: Vec<(OsString, OsString)>,
+        _held: std::sync::MutexGuard<'static, ()>,
+    }
+
+    fn clean_environment() -> CleanEnvironment {
+        let held = ENVIRONMENT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let saved: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(name, _)| name.to_string_lossy().starts_with("AUDIT_LEDGER_"))
+            .collect();
+        for (name, _) in &saved {
+            // SAFETY: every test of this module holds ENVIRONMENT, and nothing outside
+            // Rust's own environment lock reads the environment in this process's tests.
+            unsafe { std::env::remove_var(name) };
+        }
+        CleanEnvironment { saved, _held: held }
+    }
+
+    impl Drop for CleanEnvironment {
+        fn drop(&mut self) {
+            for (name, value) in &self.saved {
+                // SAFETY: as above.
+                unsafe { std::env::set_var(name, value) };
+            }
+        }
+    }
+
     fn settings_file(text: &str) -> tempfile::NamedTempFile {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), text).unwrap();
@@ -331,9 +363,7 @@ mod tests {
 
     #[test]
     fn without_flags_the_defaults_are_the_configs() {
-        let _environment = ENVIRONMENT
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _environment = clean_environment();
         let served = config(&["serve"]).unwrap();
         let defaults = ServerConfig::default();
         assert_eq!(format!("{served:?}"), format!("{defaults:?}"));
@@ -341,9 +371,7 @@ mod tests {
 
     #[test]
     fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
-        let _environment = ENVIRONMENT
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _environment = clean_environment();
         let file = settings_file(
             "max_in_flight = 7\nmax-streams = 9\nmax_concurrent_streams = 11\ninsecure = true\n",
         );
@@ -374,6 +402,7 @@ mod tests {
 
     #[test]
     fn a_setting_the_file_requires_may_come_from_the_command_line() {
+        let _environment = clean_environment();
         let file = settings_file("tls_key = \"key.pem\"\n");
         let path = file.path().to_str().unwrap();
         let served = config(&["serve", "--config", path, "--tls-cert", "cert.pem"]).unwrap();
@@ -386,6 +415,7 @@ mod tests {
 
     #[test]
     fn an_unknown_or_unusable_setting_is_an_error_naming_it() {
+        let _environment = clean_environment();
         let file = settings_file("max_batch_recrods = 3\n");
         let error = config(&["serve", "--config", file.path().to_str().unwrap()]).unwrap_err();
         assert!(
