@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use prost::Message;
 
+use crate::background::{Shared, Worker};
 use crate::ledger::Indexer;
 use crate::ledger::time::Timestamp;
 use crate::proto::{self, fact::Kind};
@@ -116,7 +117,8 @@ fn timestamp(at: &Option<prost_types::Timestamp>) -> Timestamp {
 #[derive(Clone)]
 pub struct IndexProgress {
     communications: tokio::sync::watch::Receiver<u64>,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The indexing worker's shared state: its target, and its failure when it failed.
+    worker: Arc<Shared<u64>>,
 }
 
 impl IndexProgress {
@@ -131,14 +133,11 @@ impl IndexProgress {
         let reached = tokio::time::timeout(patience, progress.wait_for(|&indexed| indexed >= size));
         match reached.await {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(self
-                .failure
-                .lock()
-                .expect("failure lock")
-                .clone()
-                .unwrap_or_else(|| {
-                    format!("the communication indexes are still catching up to entry {size}; retry shortly")
-                })),
+            _ => Err(self.worker.failure().unwrap_or_else(|| {
+                format!(
+                    "the communication indexes are still catching up to entry {size}; retry shortly"
+                )
+            })),
         }
     }
 
@@ -147,15 +146,6 @@ impl IndexProgress {
         *self.communications.borrow()
     }
 }
-
-/// What the writer tells the communication indexer: index up to `target`, or stop.
-#[derive(Default)]
-struct TailTarget {
-    target: u64,
-    stop: bool,
-}
-
-type SharedTarget = Arc<(std::sync::Mutex<TailTarget>, std::sync::Condvar)>;
 
 /// Entries the communication indexer reads and indexes per step.
 const TAIL_STEP: u64 = 4096;
@@ -171,24 +161,10 @@ pub struct ComplianceIndexer {
     facts: Arc<dyn IndexStore>,
     /// The size when the fact lists were last sealed.
     facts_sealed_at: u64,
-    target: SharedTarget,
-    thread: Option<std::thread::JoinHandle<()>>,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
-}
-
-impl Drop for ComplianceIndexer {
-    /// Stops the communication indexer after its current step; what it did not reach is
-    /// indexed after the next start.
-    fn drop(&mut self) {
-        {
-            let (lock, wake) = &*self.target;
-            lock.lock().expect("target lock").stop = true;
-            wake.notify_all();
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    /// The communication indexer; its state is the size to index up to. Dropped with the
+    /// indexer, it stops after its current step: what it did not reach is indexed after the
+    /// next start.
+    worker: Worker<u64>,
 }
 
 /// What the communication lists need of a leaf, decoded without the rest: a
@@ -251,21 +227,20 @@ fn communication_keys(index: u64, leaf: &[u8]) -> Result<Vec<Vec<u8>>, StorageEr
 fn follow(
     index: &dyn IndexStore,
     store: &dyn Store,
-    target: &SharedTarget,
+    target: &Shared<u64>,
     progress: &tokio::sync::watch::Sender<u64>,
 ) -> Result<(), StorageError> {
     let mut indexed = read_indexed_size(index)?;
     loop {
         let goal = {
-            let (lock, wake) = &**target;
-            let mut state = lock.lock().expect("target lock");
-            while !state.stop && state.target <= indexed {
-                state = wake.wait(state).expect("target lock");
+            let mut goal = target.lock();
+            while !target.stopping() && *goal <= indexed {
+                goal = target.wait_timeout(goal, std::time::Duration::from_secs(60));
             }
-            if state.stop {
+            if target.stopping() {
                 return Ok(());
             }
-            state.target
+            *goal
         };
         let end = goal.min(indexed + TAIL_STEP);
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
@@ -295,37 +270,25 @@ impl ComplianceIndexer {
         let facts_sealed_at = read_indexed_size(facts.as_ref())?;
         let start = read_indexed_size(index.as_ref())?;
         let (progress, communications) = tokio::sync::watch::channel(start);
-        let failure = Arc::new(std::sync::Mutex::new(None));
-        let target: SharedTarget = Arc::new((
-            std::sync::Mutex::new(TailTarget {
-                target: start,
-                stop: false,
-            }),
-            std::sync::Condvar::new(),
-        ));
-        let thread = {
+        let worker = {
             let index = index.clone();
-            let failure = failure.clone();
-            let target = target.clone();
-            crate::background::spawn("communication-indexer", move || {
+            Worker::spawn("communication-indexer", start, move |target| {
                 // A lack of space (the lists' runs cannot be written) is waited out: `follow`
                 // starts again from the watermark. Anything else stops the lists for good.
                 loop {
-                    match follow(index.as_ref(), store.as_ref(), &target, &progress) {
+                    match follow(index.as_ref(), store.as_ref(), target, &progress) {
                         Ok(()) => return,
                         Err(StorageError::NoSpace(reason)) => {
                             tracing::warn!(%reason, "no space to index communications; trying again in a second");
-                            let (lock, wake) = &*target;
-                            let state = lock.lock().expect("target lock");
-                            if state.stop {
+                            let goal = target.lock();
+                            if target.stopping() {
                                 return;
                             }
-                            let pause = std::time::Duration::from_secs(1);
-                            drop(wake.wait_timeout(state, pause).expect("target lock"));
+                            drop(target.wait_timeout(goal, std::time::Duration::from_secs(1)));
                         }
                         Err(error) => {
                             tracing::error!(%error, "indexing communications failed");
-                            *failure.lock().expect("failure lock") = Some(format!(
+                            target.fail(format!(
                                 "indexing communications failed ({error}); restart the server"
                             ));
                             return;
@@ -333,20 +296,19 @@ impl ComplianceIndexer {
                     }
                 }
             })
-            .expect("the indexing thread starts")
+            .map_err(StorageError::from)?
         };
+        let shared = worker.share();
         Ok((
             ComplianceIndexer {
                 index,
                 facts,
                 facts_sealed_at,
-                target,
-                thread: Some(thread),
-                failure: failure.clone(),
+                worker,
             },
             IndexProgress {
                 communications,
-                failure,
+                worker: shared,
             },
         ))
     }
@@ -440,7 +402,8 @@ impl Indexer for ComplianceIndexer {
                 None => {}
             }
         }
-        if let Some(reason) = self.failure.lock().expect("failure lock").clone() {
+        let target = self.worker.shared();
+        if let Some(reason) = target.failure() {
             return Err(StorageError::Backend(reason));
         }
         // The watermark goes with the facts, in the same apply: a crash keeps a prefix of
@@ -452,10 +415,10 @@ impl Indexer for ComplianceIndexer {
             self.facts.seal()?;
             self.facts_sealed_at = size;
         }
-        let (lock, wake) = &*self.target;
-        let mut state = lock.lock().expect("target lock");
-        state.target = state.target.max(last.0 + 1);
-        wake.notify_all();
+        let mut goal = target.lock();
+        *goal = (*goal).max(size);
+        drop(goal);
+        target.notify();
         Ok(())
     }
 }

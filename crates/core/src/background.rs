@@ -152,6 +152,12 @@ impl<S: Send + 'static> Worker<S> {
     pub fn shared(&self) -> &Shared<S> {
         &self.shared
     }
+
+    /// A handle on what is shared, for others to read (its failure, say); holding it does
+    /// not keep the thread running.
+    pub fn share(&self) -> Arc<Shared<S>> {
+        self.shared.clone()
+    }
 }
 
 impl<S> Drop for Worker<S> {
