@@ -6,7 +6,7 @@
 //! Why not sled for this: sled inserts cost a page-cache lookup and a node copy per key
 //! (≈ 90,000 keys/s on one core here) and keep per-key state in memory, and the ledger
 //! writes five derived keys per entry; that was the ceiling of every write scenario and
-//! most of the memory and disk (docs/BENCHMARKS.md, third pass). Here a write is a
+//! most of the memory and disk (docs/BENCHMARKS.md, "Why the code is as it is"). Here a write is a
 //! `BTreeMap` insert, and the disk sees large sequential writes only.
 //!
 //! # What survives a crash
@@ -1302,7 +1302,7 @@ fn flush_loop(shared: &Shared) -> Result<(), StorageError> {
 
 /// Runs merged at once: the tier above holds runs about this many times larger. Eight,
 /// not four: under batch load the merger rewrote each key log₄(n) times, and at eight
-/// (log₈(n)) batch throughput rose by about a tenth (seventh pass, docs/BENCHMARKS.md)
+/// (log₈(n)) batch throughput rose by about a tenth (measured in alternating runs)
 /// while a read meets up to seven runs per tier, each skipped by its Bloom filter unless
 /// it holds the key or list.
 const FANOUT: usize = 8;

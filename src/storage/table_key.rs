@@ -2,7 +2,7 @@
 //!
 //! A lookup or insert in a `BTreeMap<Vec<u8>, _>` compares its key with up to eleven keys
 //! per node, each behind a pointer of its own: under batch load most of those comparisons'
-//! time was the first load of a key that was not in cache (eighth pass, docs/BENCHMARKS.md),
+//! time was the first load of a key that was not in cache (profiled under batch load),
 //! and every key was an allocation that the flusher, on another thread, later freed. Keys
 //! of up to [`INLINE`] bytes — idempotency keys, list keys, checkpoints: nearly all of
 //! them — are therefore stored in the node itself, next to the keys they are compared with.
