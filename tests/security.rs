@@ -996,6 +996,36 @@ fn refused_start(config: &ServerConfig) -> String {
     }
 }
 
+/// A server on `storage` with an auth file of [`principals`] in `dir` (its data in
+/// `dir/data`), and a writer's and an auditor's client of it.
+struct Authed {
+    server: TestServer,
+    config: ServerConfig,
+    data: std::path::PathBuf,
+    tokens: Tokens,
+    writer: Ledger,
+    auditor: Ledger,
+}
+
+async fn authed(dir: &Path, storage: audit_ledger::storage::StorageKind) -> Authed {
+    let (auth_file, tokens) = principals(dir);
+    let data = dir.join("data");
+    let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
+    config.auth_file = Some(auth_file);
+    config.storage = storage;
+    let server = TestServer::start_with(config.clone()).await;
+    let writer = ledger_as(&server.address, Some(&tokens.writer)).await;
+    let auditor = ledger_as(&server.address, Some(&tokens.auditor)).await;
+    Authed {
+        server,
+        config,
+        data,
+        tokens,
+        writer,
+        auditor,
+    }
+}
+
 /// Issue 16, item 5: the access trail could be removed without trace — `verify` counted
 /// "0 access records chained" and the server started. Each checkpoint now anchors the
 /// trail's head, so a trail removed, or cut back below what was anchored, fails `verify`
@@ -1007,14 +1037,14 @@ async fn a_removed_or_cut_access_trail_fails_verify_and_stops_the_start() {
         audit_ledger::storage::StorageKind::Sled,
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (auth_file, tokens) = principals(dir.path());
-        let data = dir.path().join("data");
-        let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
-        config.auth_file = Some(auth_file);
-        config.storage = storage;
-        let server = TestServer::start_with(config.clone()).await;
-        let mut writer = ledger_as(&server.address, Some(&tokens.writer)).await;
-        let mut auditor = ledger_as(&server.address, Some(&tokens.auditor)).await;
+        let Authed {
+            server,
+            config,
+            data,
+            mut writer,
+            mut auditor,
+            ..
+        } = authed(dir.path(), storage).await;
         for n in 0..2 {
             writer
                 .append(AppendRequest {
@@ -1127,14 +1157,14 @@ async fn reads_with_no_write_after_them_are_anchored_and_cutting_them_is_found()
         audit_ledger::storage::StorageKind::Sled,
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (auth_file, tokens) = principals(dir.path());
-        let data = dir.path().join("data");
-        let mut config = ServerConfig::new(&data, "127.0.0.1:0".parse().unwrap());
-        config.auth_file = Some(auth_file);
-        config.storage = storage;
-        let server = TestServer::start_with(config.clone()).await;
-        let mut writer = ledger_as(&server.address, Some(&tokens.writer)).await;
-        let mut auditor = ledger_as(&server.address, Some(&tokens.auditor)).await;
+        let Authed {
+            server,
+            config,
+            data,
+            tokens,
+            mut writer,
+            mut auditor,
+        } = authed(dir.path(), storage).await;
         writer
             .append(AppendRequest {
                 communication: Some(communication("s", 0)),
